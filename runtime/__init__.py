@@ -1,0 +1,1 @@
+"""Loading converted checkpoints and running their MoE (installed as mxconvert.runtime)."""
