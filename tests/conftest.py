@@ -1,0 +1,9 @@
+"""Tests run from the source tree: the repo root (for mxconvert) and scripts/ (the generator) on sys.path."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "scripts")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
