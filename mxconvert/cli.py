@@ -1,0 +1,86 @@
+"""The `mxconvert` command: a thin click shell over convert(), verify() and push(), same parameter names."""
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import MxconvertError
+
+EXAMPLES = """
+\b
+Examples:
+  mxconvert MiniMaxAI/MiniMax-M3-MXFP8 ./MiniMax-M3-MI300X
+  mxconvert ./MiniMax-M3-MXFP8 ./out --long-context --bf16 derive
+  mxconvert ./MiniMax-M3-MXFP8 ./out --dry-run
+  mxconvert verify ./out --source ./MiniMax-M3-MXFP8
+  mxconvert push ./out my-org/MiniMax-M3-MI300X --private
+"""
+
+
+class _DefaultToConvert(click.Group):
+    """`mxconvert MODEL_DIR OUT_DIR` means `mxconvert convert MODEL_DIR OUT_DIR`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+def _run(fn, **kwargs):
+    """MxconvertError and Ctrl-C become one line on stderr, never a traceback."""
+    try:
+        return fn(**kwargs)
+    except MxconvertError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: nothing finished was left behind. Run the same command again to convert.", err=True)
+        sys.exit(130)
+
+
+@click.group(cls=_DefaultToConvert, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mxconvert")
+def main():
+    """Convert MiniMax-M3 MXFP8 checkpoints into the MI300X-ready format (FNUZ FP8, packed scales, BF16 copies)."""
+
+
+@main.command(epilog=EXAMPLES)
+@click.argument("model_dir")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--long-context", is_flag=True, help="Store MoE layers with index % 5 == 0 as BF16 only (fits HBM at long context).")
+@click.option("--bf16", type=click.Choice(["materialize", "derive"]), default="materialize", show_default=True,
+              help="materialize: store exact BF16 copies; derive: FP8 only, the runtime dequantizes at load.")
+@click.option("--bf16-max-tokens", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Batches of at most this many tokens run on the BF16 experts.")
+@click.option("--bf16-min-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Batches of at least this many tokens run on the BF16 experts.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 2GiB).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (layers, storage, tensors, bytes, peak memory); write nothing.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the BF16 copies are computed (bit-identical either way).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (bytes written).")
+def convert(**kwargs):
+    """Convert MODEL_DIR (a local checkpoint or a Hub repo id) into OUT_DIR."""
+    from .convert import convert as run_convert
+
+    plan = _run(run_convert, **kwargs)
+    if not kwargs["dry_run"]:
+        click.echo(f"Wrote {len(plan.shards)} shards ({plan.output_bytes / 2**30:.2f} GiB) to {kwargs['out_dir']}; verified.")
+
+
+@main.command(epilog=EXAMPLES)
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--source", type=click.Path(file_okay=False), help="Also compare every tensor with this source checkpoint.")
+@click.option("--quick", is_flag=True, help="Sizes, headers, index and format only; skip the sha256 of every file.")
+def verify(out_dir, source, quick):
+    """Check OUT_DIR against its manifest and the format (and the source, bit for bit)."""
+    from .manifest import verify as run_verify
+
+    manifest = _run(run_verify, out_dir=out_dir, source=source, full=not quick)
+    checked = "sizes, headers" if quick else "sizes, sha256"
+    click.echo(f"OK: {len(manifest['files'])} files ({checked}, index, format)" + (", source bit-exact" if source else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The names, dtypes, shapes and config keys of FORMAT.md (format v1), each written once, here.
+
+Shape legend: E experts, H hidden, I expert intermediate, G = K // 32 scale groups.
+"""
+
+import re
+
+from .layout import BLOCK
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "mxconvert"
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "mxconvert.json"
+CARD_NAME = "README.md"
+DUAL, BF16_ONLY, NATIVE_ONLY = "dual", "bf16_only", "native_only"
+LONG_CONTEXT_EVERY = 5  # --long-context: MoE layers with index % 5 == 0 keep BF16 only
+
+# Output tensors of one expert group P: suffix -> (safetensors dtype, shape from (E, H, I)).
+EXPERT_TENSORS = {
+    "w13_weight": ("F8_E4M3FNUZ", lambda E, H, I: (E, 2 * I, H)),
+    "w13_weight_scale": ("U8", lambda E, H, I: (E, H // BLOCK, 2 * I)),  # packed [e, k/32, n]
+    "w2_weight": ("F8_E4M3FNUZ", lambda E, H, I: (E, H, I)),
+    "w2_weight_scale": ("U8", lambda E, H, I: (E, I // BLOCK, H)),  # packed [e, k/32, n]
+    "w13_weight_bf16": ("BF16", lambda E, H, I: (E, 2 * I, H)),
+    "w2_weight_bf16": ("BF16", lambda E, H, I: (E, H, I)),
+}
+NATIVE_TENSORS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+BF16_TENSORS = ("w13_weight_bf16", "w2_weight_bf16")
+STORED = {DUAL: NATIVE_TENSORS + BF16_TENSORS, NATIVE_ONLY: NATIVE_TENSORS, BF16_ONLY: BF16_TENSORS}
+
+# A decoder layer's experts (the long-context rule applies to these); other groups, e.g. MTP's, do not.
+DECODER_GROUP = re.compile(r"^(?:language_model\.)?model\.layers\.(?P<layer>\d+)\.[A-Za-z_]+\.experts$")
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def quantization_config(*, source: dict, layers: dict[str, str], bf16_max_tokens: int,
+                        bf16_min_tokens: int, activation: dict, version: str) -> dict:
+    """The output config's quantization_config: the source's kept inside, the experts' format beside it."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "source_quantization_config": source,
+        "experts": {
+            "value_dtype": "float8_e4m3fnuz",
+            "scale_dtype": "e8m0",
+            "block_size": BLOCK,
+            "scale_layout": "expert_kblock_n",
+            "layers": dict(sorted(layers.items())),
+            "dispatch": {"bf16_max_tokens": bf16_max_tokens, "bf16_min_tokens": bf16_min_tokens},
+            "activation": {"kind": "swigluoai", **activation},
+        },
+        "producer": {"name": "mxconvert", "version": version},
+    }

@@ -1,0 +1,169 @@
+"""What goes where: each expert group's storage, every output tensor, and its shard. Reads headers only.
+
+Shape legend: E experts, H hidden, I expert intermediate.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+from . import format as fmt
+from .checkpoint import DTYPE_BYTES, ExpertGroup, SourceCheckpoint, TensorInfo
+from .errors import MxconvertError
+from .layout import BLOCK
+
+PROJECTIONS = ("gate", "up", "down")
+VALUE_DTYPE = "F8_E4M3"
+SCALE_DTYPES = ("U8", "F8_E8M0")
+
+
+@dataclass
+class PlannedGroup:
+    prefix: str
+    layer: int | None  # decoder layer index, None for groups outside the decoder (e.g. MTP)
+    storage: str
+    num_experts: int
+    hidden: int
+    inter: int
+    source: ExpertGroup
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: TensorInfo | None = None  # passed through byte for byte
+    group: PlannedGroup | None = None  # or built from this expert group
+    kind: str | None = None  # ... as this FORMAT tensor (e.g. "w13_weight")
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Shard:
+    name: str
+    tensors: list[OutputTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    groups: list[PlannedGroup]
+    shards: list[Shard]
+
+    @property
+    def tensors(self) -> list[OutputTensor]:
+        return [t for shard in self.shards for t in shard.tensors]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def peak_memory_estimate(self) -> int:
+        """Largest working set: one expert's projections in, FNUZ and BF16 out, plus temporaries."""
+        per_expert = max((3 * g.hidden * g.inter for g in self.groups), default=0)
+        return 12 * per_expert + 2 * COPY_CHUNK + 400 * 2**20  # + interpreter, torch
+
+
+COPY_CHUNK = 64 * 2**20  # bytes per read/write of a passed-through tensor
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, as Hugging Face tools read shard sizes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or float(m[1]) <= 0:
+        raise MxconvertError("--max-shard-size", f"{text!r} is not a size", "Write it like 5GB, 500MB or 2GiB")
+    unit = m[2].rstrip("B") or "B"
+    scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(float(m[1]) * scale[unit])
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _storage(prefix: str, *, long_context: bool, bf16: str) -> tuple[int | None, str]:
+    m = fmt.DECODER_GROUP.match(prefix)
+    layer = int(m["layer"]) if m else None
+    if long_context and layer is not None and layer % fmt.LONG_CONTEXT_EVERY == 0:
+        return layer, fmt.BF16_ONLY
+    return layer, fmt.NATIVE_ONLY if bf16 == "derive" else fmt.DUAL
+
+
+def _check_group(group: ExpertGroup, num_experts: int | None) -> tuple[int, int, int]:
+    """(E, H, I) of a complete, well-formed group, or an error naming the first bad tensor."""
+    count = num_experts or max(group.experts) + 1
+    for e in range(count):
+        for proj in PROJECTIONS:
+            weight, scale = group.experts.get(e, {}).get(proj, (None, None))
+            if weight is None or scale is None:
+                what = "weight" if weight is None else "weight scale"
+                raise MxconvertError(f"{group.prefix}.{e}", f"{proj} {what} is missing from the checkpoint",
+                                     "Re-download the checkpoint; every expert needs w1, w2, w3 and their scales")
+    if max(group.experts) >= count:
+        raise MxconvertError(group.prefix, f"has expert {max(group.experts)} but the config says {count} experts",
+                             "Check num_local_experts in config.json")
+    gate = group.experts[0]["gate"][0]
+    inter, hidden = gate.shape if len(gate.shape) == 2 else (0, 0)
+    if hidden % BLOCK or inter % BLOCK or not hidden or not inter:
+        raise MxconvertError(gate.name, f"shape {list(gate.shape)} is not [I, H] with I and H multiples of {BLOCK}",
+                             "Only MXFP8 checkpoints with 32-aligned sizes can be converted")
+    want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    for e in range(count):
+        for proj, (rows, cols) in want.items():
+            weight, scale = group.experts[e][proj]
+            for info, dtypes, shape in ((weight, (VALUE_DTYPE,), (rows, cols)), (scale, SCALE_DTYPES, (rows, cols // BLOCK))):
+                if info.dtype not in dtypes or info.shape != shape:
+                    raise MxconvertError(info.name, f"is {info.dtype} {list(info.shape)}, expected {dtypes[0]} {list(shape)}",
+                                         "The checkpoint is not MiniMax-M3 MXFP8-shaped; re-download it")
+    return count, hidden, inter
+
+
+def make_plan(source: SourceCheckpoint, *, long_context: bool, bf16: str, max_shard_size: int) -> Plan:
+    """Every output tensor in source order (a group's stacked tensors where its first expert stood), sharded."""
+    num_experts = source.text_config.get("num_local_experts")
+    expert_names = {}
+    groups: dict[str, PlannedGroup] = {}
+    for prefix, group in source.groups.items():
+        count, hidden, inter = _check_group(group, num_experts)
+        layer, storage = _storage(prefix, long_context=long_context, bf16=bf16)
+        groups[prefix] = PlannedGroup(prefix, layer, storage, count, hidden, inter, group)
+        for slot in group.experts.values():
+            for weight, scale in slot.values():
+                expert_names[weight.name] = expert_names[scale.name] = prefix
+
+    outputs: list[OutputTensor] = []
+    for name in sorted(source.tensors, key=_natural_key):
+        prefix = expert_names.get(name)
+        if prefix is None:
+            info = source.tensors[name]
+            outputs.append(OutputTensor(name, info.dtype, info.shape, source=info))
+        elif prefix in groups:
+            g = groups.pop(prefix)
+            for kind in fmt.STORED[g.storage]:
+                dtype, shape = fmt.EXPERT_TENSORS[kind]
+                outputs.append(OutputTensor(f"{prefix}.{kind}", dtype, shape(g.num_experts, g.hidden, g.inter), group=g, kind=kind))
+    planned = sorted({t.group.prefix: t.group for t in outputs if t.group}.values(), key=lambda g: _natural_key(g.prefix))
+    return Plan(planned, _assign_shards(outputs, max_shard_size))
+
+
+def _assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shard]:
+    """Greedy in order: a shard closes before the tensor that would take it past the limit."""
+    shards = [Shard("")]
+    for t in tensors:
+        if shards[-1].tensors and shards[-1].nbytes + t.nbytes > max_shard_size:
+            shards.append(Shard(""))
+        shards[-1].tensors.append(t)
+    for i, shard in enumerate(shards):
+        shard.name = fmt.shard_name(i + 1, len(shards))
+    return shards

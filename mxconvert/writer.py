@@ -1,0 +1,115 @@
+"""The streaming safetensors writer: headers planned from shapes and dtypes, then the bytes at their offsets.
+
+Every file is written under a temporary name and renamed once complete and flushed, so a crash never
+leaves a file that looks finished. Memory holds only the chunk being written.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import MxconvertError
+from .plan import OutputTensor, Plan
+
+PARTIAL = ".partial"  # suffix of files still being written
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as e:
+        raise MxconvertError(path, f"write failed ({e.strerror})", "Free disk space or pick another OUT_DIR, then run again") from e
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """A small file: written under a temporary name, flushed, then renamed into place."""
+    tmp = path.with_name(path.name + PARTIAL)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def safetensors_header(tensors: list[OutputTensor]) -> tuple[bytes, dict[str, int]]:
+    """The header bytes (8-byte length, JSON padded to 8) and each tensor's offset in the data."""
+    header, offsets, offset = {"__metadata__": {"format": "pt"}}, {}, 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offsets[t.name] = offset
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class ShardWriter:
+    """One output shard; finish() checks every byte was written, flushes and renames it into place."""
+
+    def __init__(self, path: Path, tensors: list[OutputTensor]):
+        header, offsets = safetensors_header(tensors)
+        self.path, self.tmp = path, path.with_name(path.name + PARTIAL)
+        self.offsets = {name: len(header) + off for name, off in offsets.items()}
+        self.remaining = sum(t.nbytes for t in tensors)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(self.fd, memoryview(header), 0, self.tmp)
+
+    def write(self, name: str, offset: int, data: torch.Tensor) -> int:
+        """Write a contiguous CPU tensor's bytes at `offset` within tensor `name`; returns the byte count."""
+        raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
+        _pwrite_all(self.fd, raw, self.offsets[name] + offset, self.tmp)
+        self.remaining -= len(raw)
+        return len(raw)
+
+    def finish(self) -> Path:
+        assert self.remaining == 0, f"{self.path.name}: {self.remaining} bytes were never written"
+        os.fsync(self.fd)
+        os.close(self.fd)
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
+class ShardSet:
+    """All shards of a plan, opened when first written and finished when full; on_finish gets each path."""
+
+    def __init__(self, out_dir: Path, plan: Plan, on_finish: Callable[[Path], None], on_bytes: Callable[[int], None]):
+        self.out_dir, self.on_finish, self.on_bytes = out_dir, on_finish, on_bytes
+        self.shard_of = {t.name: shard for shard in plan.shards for t in shard.tensors}
+        self.open: dict[str, ShardWriter] = {}
+
+    def write(self, name: str, offset: int, data: torch.Tensor) -> None:
+        shard = self.shard_of[name]
+        writer = self.open.get(shard.name)
+        if writer is None:
+            writer = self.open[shard.name] = ShardWriter(self.out_dir / shard.name, shard.tensors)
+        self.on_bytes(writer.write(name, offset, data))
+        if writer.remaining == 0:
+            del self.open[shard.name]
+            self.on_finish(writer.finish())
+
+    def abort(self) -> None:
+        for writer in self.open.values():
+            writer.abort()
+        self.open.clear()
