@@ -1,0 +1,213 @@
+"""The tiny-checkpoint generator writes FORMAT.md's input: names, dtypes, shapes, shards, planted bytes."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from make_tiny_checkpoint import EDGE_FP8, EDGE_SCALE, NOT_COPIED, make_tiny_checkpoint, planted_bytes
+
+LM = "language_model.model"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_checkpoint.py"
+
+
+def headers(root: Path) -> dict[str, tuple[str, dict]]:
+    """name -> (file name, safetensors header entry), read straight from the files."""
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            assert name not in out, f"{name} in two files"
+            out[name] = (f.name, entry)
+    return out
+
+
+def tensor_bytes(root: Path, file: str, name: str) -> torch.Tensor:
+    with safe_open(root / file, "pt") as f:
+        t = f.get_tensor(name)
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def file_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def test_same_seed_gives_identical_files_and_another_seed_differs(tiny, tmp_path):
+    again = file_bytes(make_tiny_checkpoint(tmp_path / "a", seed=0))
+    assert again == file_bytes(tiny)
+    other = file_bytes(make_tiny_checkpoint(tmp_path / "b", seed=1))
+    assert other.keys() == again.keys()
+    assert all(other[k] != again[k] for k in again if k.endswith(".safetensors"))
+
+
+def test_tensor_values_do_not_depend_on_the_shard_layout(tiny, tmp_path):
+    single = make_tiny_checkpoint(tmp_path / "one", seed=0, num_shards=1)
+    assert not (single / "model.safetensors.index.json").exists()
+    h1, h4 = headers(single), headers(tiny)
+    assert set(h1) == set(h4) and {f for f, _ in h1.values()} == {"model.safetensors"}
+    for name in list(h4)[::7]:
+        assert torch.equal(tensor_bytes(single, "model.safetensors", name), tensor_bytes(tiny, h4[name][0], name))
+
+
+def test_config_follows_the_minimax_schema(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    assert cfg["model_type"] == "minimax_m3_vl" and cfg["architectures"]
+    assert cfg["quantization_config"] == {
+        "quant_method": "mxfp8", "activation_scheme": "dynamic", "weight_block_size": [1, 32],
+        "ignored_layers": cfg["quantization_config"]["ignored_layers"]}
+    assert f"{LM}.layers.3.block_sparse_moe.gate" in cfg["quantization_config"]["ignored_layers"]
+    t = cfg["text_config"]
+    assert t["model_type"] == "minimax_m3_text"
+    assert (t["hidden_size"], t["intermediate_size"], t["num_local_experts"], t["num_experts_per_tok"]) == (160, 96, 8, 2)
+    assert t["hidden_size"] % 128 != 0
+    assert (t["swiglu_alpha"], t["swiglu_beta"], t["swiglu_limit"], t["routed_scaling_factor"]) == (1.702, 1.0, 7.0, 2.0)
+    assert t["scoring_func"] == "sigmoid" and t["first_k_dense_replace"] == 3
+    assert t["mlp_layer_types"] == ["dense"] * 3 + ["sparse"] * 4 and t["num_hidden_layers"] == 7
+
+
+def test_names_dtypes_and_shapes(tiny):
+    h = headers(tiny)
+    H, I, E, Q, KV, D, S = 160, 96, 8, 128, 64, 192, 64
+
+    def has(name, dtype, shape):
+        assert name in h, name
+        assert (h[name][1]["dtype"], h[name][1]["shape"]) == (dtype, list(shape)), name
+
+    def mx(name, out, inp):
+        has(f"{name}.weight", "F8_E4M3", (out, inp))
+        has(f"{name}.weight_scale_inv", "U8", (out, inp // 32))
+
+    for L in range(7):
+        p = f"{LM}.layers.{L}"
+        for proj, out, inp in (("q_proj", Q, H), ("k_proj", KV, H), ("v_proj", KV, H), ("o_proj", H, Q)):
+            mx(f"{p}.self_attn.{proj}", out, inp)
+        has(f"{p}.self_attn.q_norm.weight", "BF16", (Q,))
+        has(f"{p}.input_layernorm.weight", "BF16", (H,))
+        has(f"{p}.post_attention_layernorm.weight", "BF16", (H,))
+        moe = f"{p}.block_sparse_moe"
+        if L < 3:
+            mx(f"{p}.mlp.gate_proj", D, H), mx(f"{p}.mlp.up_proj", D, H), mx(f"{p}.mlp.down_proj", H, D)
+            assert not any(n.startswith(moe) for n in h)
+            continue
+        assert not any(n.startswith(f"{p}.mlp.") for n in h)
+        has(f"{moe}.gate.weight", "BF16", (E, H))
+        has(f"{moe}.e_score_correction_bias", "F32", (E,))
+        mx(f"{moe}.shared_experts.gate_proj", S, H), mx(f"{moe}.shared_experts.down_proj", H, S)
+        for e in range(E):
+            mx(f"{moe}.experts.{e}.w1", I, H), mx(f"{moe}.experts.{e}.w3", I, H), mx(f"{moe}.experts.{e}.w2", H, I)
+        assert sum(f"{moe}.experts." in n for n in h) == E * 6
+    for e in range(E):  # the MTP module's experts live outside layers.{L}
+        mx(f"{LM}.mtp.0.block_sparse_moe.experts.{e}.w1", I, H)
+        mx(f"{LM}.mtp.0.block_sparse_moe.experts.{e}.w2", H, I)
+    for name in (f"{LM}.embed_tokens.weight", "language_model.lm_head.weight"):
+        has(name, "BF16", (256, H))
+    has(f"{LM}.norm.weight", "BF16", (H,))
+    assert sum(n.startswith("vision_tower.") and h[n][1]["dtype"] == "BF16" for n in h) >= 1
+
+
+def test_index_and_shard_spread(tiny):
+    h = headers(tiny)
+    index = json.loads((tiny / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {n: f for n, (f, _) in sorted(h.items())}
+    assert list(index["weight_map"]) == sorted(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(e["data_offsets"][1] - e["data_offsets"][0] for _, e in h.values())
+    assert sorted({f for f, _ in h.values()}) == [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+    p = f"{LM}.layers.3.block_sparse_moe.experts"
+    assert len({h[n][0] for n in h if n.startswith(p + ".")}) == 4
+    assert any(len({h[n][0] for n in h if n.startswith(f"{p}.{e}.")}) > 1 for e in range(8))
+
+
+def test_planted_bytes_are_where_documented(tiny):
+    h = headers(tiny)
+    plants = planted_bytes()
+    assert sorted(b for n, _, _, b in plants if n.endswith(".weight")) == sorted(EDGE_FP8 * 2)
+    assert sorted(b for n, _, _, b in plants if n.endswith("_scale_inv")) == sorted(EDGE_SCALE * 2)
+    for name, row, col, byte in plants:
+        assert name.startswith(f"{LM}.layers.3.block_sparse_moe.experts.")
+        assert int(tensor_bytes(tiny, h[name][0], name)[row, col]) == byte, (name, row, col)
+    # the last expert's down row H-1 pairs the edge values with scale 253 (BF16 overflow case)
+    assert (f"{LM}.layers.3.block_sparse_moe.experts.7.w2.weight_scale_inv", 159, 2, 253) in plants
+
+
+def test_random_bytes_are_valid_and_in_range(tiny):
+    h = headers(tiny)
+    planted = {(n, r, c) for n, r, c, _ in planted_bytes()}
+    seen = torch.zeros(256, dtype=torch.bool)
+    for name, (f, e) in h.items():
+        if e["dtype"] == "F8_E4M3":
+            t = tensor_bytes(tiny, f, name)
+            assert not ((t & 0x7F) == 0x7F).any(), name
+            seen[t.flatten().long()] = True
+        elif e["dtype"] == "U8":
+            t = tensor_bytes(tiny, f, name).clone()
+            for n, r, c in planted:
+                if n == name:
+                    t[r, c] = 124
+            assert int(t.min()) >= 120 and int(t.max()) <= 127, name
+    assert int(seen.sum()) == 254  # every finite E4M3FN code occurs
+
+
+def test_side_files(tiny):
+    card = (tiny / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "mit" and front["library_name"] == "transformers"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        json.loads((tiny / name).read_text())
+    assert (tiny / "chat_template.jinja").read_text().startswith("{%")
+    compile((tiny / "modeling_minimax_m3.py").read_text(), "modeling_minimax_m3.py", "exec")
+    assert (tiny / NOT_COPIED).is_file()
+
+
+def test_compressed_and_hf_naming(tmp_path):
+    c = make_tiny_checkpoint(tmp_path / "c", naming="compressed", mtp=False, num_shards=2)
+    q = json.loads((c / "config.json").read_text())["quantization_config"]
+    assert (q["quant_method"], q["format"]) == ("compressed-tensors", "mxfp8-quantized")
+    hc = headers(c)
+    assert not any(n.endswith("weight_scale_inv") for n in hc) and not any(".mtp." in n for n in hc)
+    assert hc[f"{LM}.layers.3.block_sparse_moe.experts.0.w1.weight_scale"][1]["shape"] == [96, 5]
+    for name, row, col, byte in planted_bytes(naming="compressed"):
+        assert int(tensor_bytes(c, hc[name][0], name)[row, col]) == byte
+
+    f = make_tiny_checkpoint(tmp_path / "f", naming="hf", num_shards=3)
+    hf = headers(f)
+    p = f"{LM}.layers.4.block_sparse_moe.experts.5"
+    assert hf[f"{p}.gate_proj.weight"][1]["shape"] == [96, 160] and hf[f"{p}.down_proj.weight"][1]["shape"] == [160, 96]
+    assert not any(".w1." in n or ".w2." in n for n in hf)
+    for name, row, col, byte in planted_bytes(naming="hf"):
+        assert int(tensor_bytes(f, hf[name][0], name)[row, col]) == byte
+
+
+def test_poison_plants_invalid_bytes_and_rejects_unknown_names(tmp_path):
+    w = f"{LM}.layers.4.block_sparse_moe.experts.2.w3.weight"
+    s = f"{LM}.layers.5.block_sparse_moe.experts.0.w2.weight_scale_inv"
+    root = make_tiny_checkpoint(tmp_path / "p", num_shards=1, poison=[(w, 0x7F), (s, 255)])
+    assert int(tensor_bytes(root, "model.safetensors", w)[-1, -1]) == 0x7F
+    assert int(tensor_bytes(root, "model.safetensors", s)[-1, -1]) == 255
+    with pytest.raises(ValueError, match="poison"):
+        make_tiny_checkpoint(tmp_path / "q", poison=[("no.such.weight", 0x7F)])
+
+
+def test_bad_sizes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="multiples of 32"):
+        make_tiny_checkpoint(tmp_path, hidden_size=150)
+
+
+def test_command_line_matches_the_function(tiny, tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "cli"), "--seed", "0"],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == str(tmp_path / "cli")
+    assert file_bytes(tmp_path / "cli") == file_bytes(tiny)
