@@ -142,23 +142,26 @@ def _compare_with_source(out_dir: Path, tensors: dict, quant: dict, src: SourceC
                 fn_values = torch.cat([src.read_tensor(experts[e][p][0]) for p in projs])  # [N, K]
                 fn_scales = torch.cat([src.read_tensor(experts[e][p][1]) for p in projs])  # [N, K/32]
                 want = layout.dequantize(fn_values, fn_scales, fnuz=False)  # float64, exact
+                fnuz_values, fnuz_scales = layout.fn_to_fnuz_values(fn_values), layout.fn_to_fnuz_scales(fn_scales)
                 got = {}
                 for kind in fmt.STORED[storage]:
                     if not kind.startswith(stack + "_"):
                         continue
                     path, entry, start = tensors[f"{prefix}.{kind}"]
                     per_expert = (entry["data_offsets"][1] - entry["data_offsets"][0]) // entry["shape"][0]
-                    got[kind] = _read(path, entry, start, e * per_expert, per_expert).view(entry["shape"][1:])
+                    raw = _read(path, entry, start, e * per_expert, per_expert)
+                    got[kind] = (raw.view(torch.bfloat16) if entry["dtype"] == "BF16" else raw).view(entry["shape"][1:])
                 if f"{stack}_weight" in got:
                     values, packed = got[f"{stack}_weight"], got[f"{stack}_weight_scale"]
                     scales = layout.unpack_scales(packed)
-                    ok = (torch.equal(values, layout.fn_to_fnuz_values(fn_values))
-                          and torch.equal(scales, layout.fn_to_fnuz_scales(fn_scales))
+                    ok = (torch.equal(values, fnuz_values) and torch.equal(scales, fnuz_scales)
                           and torch.equal(layout.dequantize(values, scales, fnuz=True), want))
                     if not ok:
                         raise MxconvertError(f"{prefix}.{stack}_weight", f"expert {e} differs from the source", "Convert again")
                 if f"{stack}_weight_bf16" in got:
-                    bf16 = got[f"{stack}_weight_bf16"].view(torch.bfloat16).view(fn_values.shape)
-                    if not torch.equal(bf16.view(torch.int16), want.to(torch.bfloat16).view(torch.int16)):
+                    bf16 = got[f"{stack}_weight_bf16"]
+                    # bit for bit: the FNUZ value rounded (source -0 is +0 there, as FORMAT.md says)
+                    rounded = layout.dequantize(fnuz_values, fnuz_scales, fnuz=True).to(torch.bfloat16)
+                    if not torch.equal(bf16.view(torch.int16), rounded.view(torch.int16)):
                         raise MxconvertError(f"{prefix}.{stack}_weight_bf16", f"expert {e} is not the rounded source value", "Convert again")
     src.close()
