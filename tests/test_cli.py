@@ -1,0 +1,86 @@
+"""The `mxconvert` command through click's runner, and once as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from make_tiny_checkpoint import make_tiny_checkpoint
+
+from mxconvert import __version__
+from mxconvert.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("src") / "tiny")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_convert_is_the_default_command_and_verify_accepts_it(source, tmp_path):
+    out = tmp_path / "out"
+    result = run(source, out, "--long-context", "--bf16-max-tokens", 4, "--bf16-min-tokens", 512, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["experts"]["dispatch"] == {"bf16_max_tokens": 4, "bf16_min_tokens": 512}
+    assert quant["experts"]["layers"]["language_model.model.layers.5.block_sparse_moe.experts"] == "bf16_only"
+    result = run("verify", out, "--source", source)
+    assert result.exit_code == 0, result.output
+    assert "source bit-exact" in result.output
+
+
+def test_errors_are_one_line_without_traceback(source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    result = run(source, out)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "--force" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    result = run("verify", out)
+    assert result.exit_code == 1 and "not a finished conversion" in result.output
+    result = run(tmp_path / "nowhere", tmp_path / "o2")
+    assert result.exit_code == 1 and "is not a directory" in result.output
+
+
+def test_bad_option_values_are_usage_errors(source, tmp_path):
+    result = run(source, tmp_path / "o", "--bf16", "sometimes")
+    assert result.exit_code == 2 and "sometimes" in result.output
+    result = run(source, tmp_path / "o", "--max-shard-size", "lots")
+    assert result.exit_code == 1 and "--max-shard-size" in result.output
+    result = run(source, tmp_path / "o", "--bf16-max-tokens", 2048)
+    assert result.exit_code == 1 and "--bf16-min-tokens" in result.output
+
+
+def test_dry_run_version_and_help(source, tmp_path):
+    result = run(source, tmp_path / "o", "--dry-run")
+    assert result.exit_code == 0 and "dry run: nothing written" in result.output
+    assert not (tmp_path / "o").exists()
+    assert __version__ in run("--version").output
+    help_text = run("--help").output
+    assert "Examples:" in help_text and "verify" in help_text
+    convert_help = run("convert", "--help").output
+    for option in ("--long-context", "--bf16", "--bf16-max-tokens", "--bf16-min-tokens", "--max-shard-size",
+                   "--dry-run", "--device", "--force"):
+        assert option in convert_help
+
+
+def test_real_subprocess(source, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "mxconvert.cli", str(source), str(out), "--bf16", "derive"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "converting: 100%" in proc.stderr and "B/s" in proc.stderr  # tqdm, counted in bytes
+    assert (out / "mxconvert.json").is_file()
+    proc = subprocess.run([sys.executable, "-m", "mxconvert.cli", str(source), str(out)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
