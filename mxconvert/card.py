@@ -1,12 +1,13 @@
 """The model card `README.md` of a converted checkpoint: Hub metadata, what the conversion did, how to load it."""
 
+import json
 import os
 from pathlib import Path
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import format as fmt
-from .errors import MxconvertError
 
 TAGS = ["mxfp8", "fp8", "fnuz", "mi300x", "moe"]
 LIBRARY_NAME = "mxconvert"  # transformers cannot load this format; mxconvert's runtime and vLLM plugin can
@@ -38,40 +39,50 @@ def write_model_card(*, out_dir: Path, source: str, source_repo_id: str | None, 
 def render_card(*, source: str, source_repo_id: str | None, source_revision: str | None,
                 source_card: Path | None, options: dict, version: str) -> str:
     """The card's text: YAML front matter, then Markdown."""
-    data = ModelCardData(base_model=source_repo_id, library_name=LIBRARY_NAME, tags=list(TAGS),
-                         **_source_metadata(source_card))
+    copied, note = _source_metadata(source_card)
+    if "license_link" in copied:
+        copied["license_link"] = _absolute_link(str(copied["license_link"]), source_repo_id, source_revision)
+    data = ModelCardData(base_model=source_repo_id, library_name=LIBRARY_NAME, tags=list(TAGS), **copied)
     if source_repo_id is not None:  # a relation without a base model means nothing to the Hub
         data.base_model_relation = "quantized"
-    return f"---\n{data.to_yaml()}\n---\n\n{_body(source, source_repo_id, source_revision, options, version)}"
+    body = _body(source, source_repo_id, source_revision, options, version, note)
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
-def _source_metadata(source_card: Path | None) -> dict:
-    """Licence and the like from the source card's front matter; a card without one gives nothing."""
+def _source_metadata(source_card: Path | None) -> tuple[dict, str]:
+    """Licence and the like from the source card's front matter, and a note for the text when it is unreadable."""
     if source_card is None or not Path(source_card).is_file():
-        return {}
+        return {}, ""
     try:
         data = ModelCard.load(source_card, ignore_metadata_errors=True).data
-    except (ValueError, OSError) as e:  # YAML that does not parse, or a card that is not a mapping
-        raise MxconvertError(source_card, f"front matter cannot be read ({str(e).splitlines()[0]})",
-                             "Fix the source README.md's YAML block, or remove the file") from e
-    return {key: data.get(key) for key in COPIED_FROM_SOURCE if data.get(key) is not None}
+    except (ValueError, yaml.YAMLError) as e:  # YAML that does not parse, or front matter that is not a mapping
+        # A broken source card must not stop a conversion; the card says so instead of dropping it silently.
+        return {}, f"The source card's metadata could not be read ({type(e).__name__}): see the source for its licence."
+    return {key: data.get(key) for key in COPIED_FROM_SOURCE if data.get(key) is not None}, ""
 
 
-def _body(source: str, repo_id: str | None, revision: str | None, options: dict, version: str) -> str:
+def _absolute_link(link: str, repo_id: str | None, revision: str | None) -> str:
+    """A licence link relative to the source repo (e.g. `LICENSE`) would point into ours, where it is missing."""
+    if repo_id is None or "://" in link:
+        return link
+    return f"https://huggingface.co/{repo_id}/blob/{revision or 'main'}/{link.removeprefix('./')}"
+
+
+def _body(source: str, repo_id: str | None, revision: str | None, options: dict, version: str, note: str) -> str:
     name = repo_id or Path(source).name or source
-    origin = f"[{repo_id}](https://huggingface.co/{repo_id})" if repo_id else f"`{source}` (a local directory)"
+    # A local path names the user's machine: only its last part goes public.
+    origin = f"[{repo_id}](https://huggingface.co/{repo_id})" if repo_id else f"`{name}` (a local directory)"
     max_t, min_t = options.get("bf16_max_tokens", 8), options.get("bf16_min_tokens", 1024)
     storage = "`native_only` (FP8 and scales; BF16 derived at load time)" if options.get("bf16") == "derive" \
         else "`dual` (FP8, scales and BF16 copies)"
     if options.get("long_context"):
-        storage += ", except MoE layers whose index is a multiple of 5 (5, 10, ..., 55): `bf16_only`"
-    rows = "\n".join(f"| `{k}` | `{v}` | {OPTION_HELP.get(k, '')} |" for k, v in options.items())
+        storage += ", except MoE layers whose index is a multiple of 5: `bf16_only`"
+    rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` | {OPTION_HELP.get(k, '')} |" for k, v in options.items())
     return f"""# {name} for AMD MI300X (mxconvert format v{fmt.FORMAT_VERSION})
 
-The MXFP8 checkpoint {origin}, converted offline by
-[mxconvert](https://pypi.org/project/mxconvert/) {version} into a layout that MI300X can serve:
-MI300X has no MX hardware and its FP8 is E4M3**FNUZ**, not the E4M3FN that the source stores.
-
+The MXFP8 checkpoint {origin}, converted offline by mxconvert {version} into a layout that
+MI300X can serve: MI300X has no MX hardware and its FP8 is E4M3**FNUZ**, not the E4M3FN that the source stores.
+{note}
 ## What the conversion did
 - The routed experts of each MoE layer are stacked into `w13_weight` `[E, 2I, H]` (gate rows, then up)
   and `w2_weight` `[E, H, I]`.
@@ -99,7 +110,7 @@ Install mxconvert on the MI300X host (`pip install mxconvert`); it brings the ru
 its vLLM plugin, so vLLM picks the format up from `config.json`:
 
 ```bash
-hf download {repo_id + "-mxconvert" if repo_id else "REPO_ID"} --local-dir OUT_DIR  # or a local conversion
+hf download THIS_REPO_ID --local-dir OUT_DIR  # or use a local conversion as OUT_DIR
 mxconvert verify OUT_DIR
 vllm serve OUT_DIR
 ```
