@@ -1,0 +1,182 @@
+"""Push a finished conversion to the Hugging Face Hub: verify it, create the repo (and branch), upload only
+the files the Hub does not already hold, and the manifest last, so that a half-pushed repo looks unfinished.
+
+Resuming is re-running: files already on the Hub with the manifest's size and sha256 are skipped, and
+huggingface_hub does not send LFS/xet bytes that the Hub already stores.
+"""
+
+import hashlib
+import importlib
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from . import format as fmt
+from .errors import MxconvertError
+from .manifest import sha256_file, verify
+
+HUB_FILE_LIMIT = 50 * 1000**3  # the Hub refuses a file over 50 GB
+PATHS_INFO_BATCH = 100  # paths per paths-info request
+RERUN = "run the same command again: files already on the Hub are skipped"
+
+
+def push(*, out_dir: Path, repo_id: str, private: bool = False, revision: str | None = None,
+         token: str | None = None, commit_message: str | None = None, create_pr: bool = False) -> str:
+    """Upload OUT_DIR to REPO_ID and return the URL of the commit, the pull request, or the repo."""
+    out_dir = Path(out_dir)
+    if create_pr and revision not in (None, "main"):
+        raise MxconvertError("--create-pr", f"opens a pull request against main, so it cannot go with --revision {revision}",
+                             f"Drop --create-pr to push to branch {revision}, or drop --revision")
+    manifest = verify(out_dir=out_dir, full=True)  # a half-finished conversion never reaches the Hub
+    files = {e["name"]: (e["size"], e["sha256"]) for e in manifest["files"]}
+    manifest_path = out_dir / fmt.MANIFEST_NAME
+    files[fmt.MANIFEST_NAME] = (manifest_path.stat().st_size, sha256_file(manifest_path))
+    check_file_sizes(out_dir=out_dir, sizes={name: size for name, (size, _) in files.items()}, limit=HUB_FILE_LIMIT)
+    token = token or get_token()
+    if not token:
+        raise MxconvertError("push", "no Hugging Face token",
+                             "Pass --token, set HF_TOKEN, or run `hf auth login` with a token that can write")
+    api = HfApi(token=token)
+    branch = None if create_pr else revision
+    try:
+        return _push(api, out_dir, repo_id, files, private, branch, create_pr,
+                     commit_message or f"Upload {repo_id.split('/')[-1]} converted by mxconvert")
+    except MxconvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line that says what to do
+        raise explain(e, repo_id=repo_id, endpoint=api.endpoint) from e
+
+
+def check_file_sizes(*, out_dir: Path, sizes: dict[str, int], limit: int) -> None:
+    """Refuse before uploading anything when one file is over the Hub's per-file limit."""
+    over = sorted(name for name, size in sizes.items() if size > limit)
+    if over:
+        more = f" (so are {len(over) - 1} more: {', '.join(over[1:4])}{', ...' if len(over) > 4 else ''})" if len(over) > 1 else ""
+        raise MxconvertError(Path(out_dir) / over[0], f"is {_size(sizes[over[0]])}, over the Hub's limit of "
+                             f"{_size(limit)} per file{more}", "Convert again with a smaller --max-shard-size, e.g. 5GB")
+
+
+def _push(api: HfApi, out_dir: Path, repo_id: str, files: dict, private: bool, branch: str | None,
+          create_pr: bool, message: str) -> str:
+    repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+    if private and api.repo_info(repo_id).private is False:
+        raise MxconvertError(repo_id, "exists and is public, but --private was asked",
+                             "Make it private in its settings on the Hub, or push without --private")
+    if branch is not None and branch != "main" and not branch.startswith("refs/"):
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    target = branch or "main"  # a new pull request starts from main
+    remote = _remote_files(api, repo_id, target, sorted(files))
+    missing = sorted(name for name, (size, sha) in files.items() if not _same(out_dir / name, size, sha, remote.get(name)))
+    extra = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name not in files and not p.name.startswith("."))
+    if extra:
+        _say(f"Not in the manifest, so not pushed: {', '.join(extra)}")
+    on_hub = len(files) - len(missing)
+    if not missing:
+        _say(f"Nothing to upload: all {len(files)} files are already on {repo_id} at {target} with the same sha256.")
+        return repo_url if target == "main" else f"{repo_url}/tree/{target}"
+    if on_hub:
+        _say(f"{on_hub} of {len(files)} files are already on {repo_id} at {target} with the same sha256: skipped "
+             "(a previous push got that far).")
+    nbytes = sum(files[name][0] for name in missing)
+    _say(f"Uploading {len(missing)} files ({_size(nbytes)}) to {repo_id} at {'a new pull request' if create_pr else target}.")
+    pr_url = None
+    body = [name for name in missing if name != fmt.MANIFEST_NAME]
+    if body:
+        info = api.upload_folder(repo_id=repo_id, folder_path=out_dir, allow_patterns=[_literal(n) for n in body],
+                                 revision=branch, create_pr=create_pr, commit_message=message)
+        if create_pr:  # the manifest follows into the same pull request
+            branch, create_pr, pr_url = info.pr_revision, False, info.pr_url
+    if fmt.MANIFEST_NAME in missing:  # last: without it the repo is visibly not a finished conversion
+        info = api.upload_folder(repo_id=repo_id, folder_path=out_dir, allow_patterns=[fmt.MANIFEST_NAME],
+                                 revision=branch, create_pr=create_pr, commit_message=f"{message} (manifest)")
+    url = pr_url or info.pr_url or info.commit_url
+    _say(f"Pushed {len(missing)} files: {url}")
+    return url
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB" if nbytes >= 10**6 else f"{nbytes} bytes"
+
+
+def _remote_files(api: HfApi, repo_id: str, revision: str, paths: list[str]) -> dict:
+    """path -> RepoFile for those of `paths` present on the Hub at `revision`."""
+    found = {}
+    for i in range(0, len(paths), PATHS_INFO_BATCH):
+        for entry in api.get_paths_info(repo_id, paths[i:i + PATHS_INFO_BATCH], revision=revision):
+            if getattr(entry, "size", None) is not None:  # files only, not folders
+                found[entry.path] = entry
+    return found
+
+
+def _same(path: Path, size: int, sha256: str, remote) -> bool:
+    """The remote file is this one: its LFS sha256 equals the manifest's, or its git blob id equals ours."""
+    if remote is None or remote.size != size:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == sha256
+    return remote.blob_id == git_blob_id(path)  # a small, regular git file
+
+
+def git_blob_id(path: Path) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _literal(name: str) -> str:
+    """A glob pattern that matches exactly `name` (upload_folder takes patterns)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _transport_errors() -> tuple[type, ...]:
+    """Connection failures of whichever HTTP library this huggingface_hub uses (httpx2, httpx or requests)."""
+    kinds = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            kinds.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
+
+
+def explain(error: BaseException, *, repo_id: str, endpoint: str) -> MxconvertError:
+    """One line for what went wrong while talking to the Hub, and what to do."""
+    chain, e = [], error
+    while e is not None and e not in chain:  # huggingface_hub wraps upload errors (RuntimeError from HfHubHTTPError)
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
+    status = http.response.status_code if http is not None else None
+    if any(isinstance(e, _transport_errors()) for e in chain) and status is None:
+        return MxconvertError(endpoint, f"cannot be reached ({type(chain[-1]).__name__})",
+                              f"Check the network (and HF_ENDPOINT), then {RERUN}")
+    if status == 401:
+        return MxconvertError(repo_id, "the Hub refused the token (401)",
+                              "Pass a valid --token, set HF_TOKEN, or run `hf auth login`")
+    if status == 403:
+        return MxconvertError(repo_id, "this token may not write there (403): the namespace belongs to someone else, "
+                              "or the token is read-only", "Push to a namespace you own, or use a token with write access to it")
+    if any(isinstance(e, RevisionNotFoundError) for e in chain):
+        return MxconvertError(repo_id, "the branch does not exist", "Check --revision (refs/pr/N for a pull request)")
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain) or status == 404:
+        return MxconvertError(repo_id, "not found, or not visible to this token", "Check the repo id and the token")
+    if status == 429:
+        wait = http.response.headers.get("Retry-After")
+        return MxconvertError(repo_id, "the Hub is rate-limiting this account (429)",
+                              f"Wait {f'{wait} seconds' if wait else 'a few minutes'}, then {RERUN}")
+    if status is not None and status >= 500:
+        return MxconvertError(repo_id, f"the Hub failed with {status} and the upload stopped", f"Wait a little, then {RERUN}")
+    first = str(chain[0]).strip().splitlines()
+    detail = next((line for line in first if line.strip()), type(chain[0]).__name__)
+    if isinstance(chain[0], ValueError) and "README.md" in str(chain[0]):  # the Hub's validate-yaml said no
+        return MxconvertError(fmt.CARD_NAME, f"the Hub rejects its metadata: {' '.join(first[1:]) or detail}",
+                              "Report this as an mxconvert bug; the card is written by the converter")
+    return MxconvertError(repo_id, f"the push stopped: {detail}" + (f" ({status})" if status else ""),
+                          f"Fix that if it is on your side, then {RERUN}")

@@ -1,0 +1,228 @@
+"""mxconvert.hub.push: the real huggingface_hub client against the loopback Hub (tests/hub_server.py),
+on a real tiny conversion. No network: everything goes to 127.0.0.1."""
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+import mxconvert.hub as hub_module
+from hub_server import HubServer
+from make_tiny_checkpoint import make_tiny_checkpoint
+from mxconvert.convert import convert
+from mxconvert.errors import MxconvertError
+from mxconvert.hub import check_file_sizes, push
+
+REPO = "alice/tiny-mi300x"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("push")
+    out = root / "out"
+    convert(model_dir=str(make_tiny_checkpoint(root / "src")), out_dir=str(out), progress=False, max_shard_size="600KB")
+    return out
+
+
+@pytest.fixture
+def out(converted, tmp_path) -> Path:
+    """A copy that a test may change."""
+    return Path(shutil.copytree(converted, tmp_path / "out"))
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    with HubServer() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)  # read at import: HF_ENDPOINT alone is too late
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # regular + LFS uploads; xet needs a CAS server
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+        monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", "hf_alice")
+        yield server
+
+
+def _local(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def _lfs_names(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.suffix == ".safetensors"]
+
+
+def test_push_uploads_every_file_and_the_manifest_last(converted, hub, capsys):
+    url = push(out_dir=converted, repo_id=REPO)
+    remote = hub.files(REPO)
+    assert remote.pop(".gitattributes")
+    assert remote == _local(converted)  # every file, byte for byte
+    repo = hub.repos[REPO]
+    assert repo["owner"] == "alice" and not repo["private"]
+    assert url == f"{hub.endpoint}/{REPO}/commit/{repo['branches']['main']}"
+    last = repo["commits"][repo["branches"]["main"]]
+    before = repo["commits"][last["parent"]]["files"]
+    assert "mxconvert.json" not in before and set(before) | {"mxconvert.json"} == set(last["files"])
+    assert hub.count("PUT", "^/lfs/") == len(_lfs_names(converted))  # shards went by LFS
+    assert hub.count("POST", "validate-yaml") >= 1  # the card passed the Hub's metadata check
+    said = capsys.readouterr().out
+    assert f"Uploading {len(remote)} files" in said and "skipped" not in said
+
+
+def test_rerun_uploads_nothing(converted, hub, capsys):
+    push(out_dir=converted, repo_id=REPO)
+    hub.requests.clear()
+    url = push(out_dir=converted, repo_id=REPO)
+    assert url == f"{hub.endpoint}/{REPO}"
+    assert hub.count("POST", "preupload|commit|lfs") == 0 and hub.count("PUT") == 0
+    n = len(_local(converted))
+    assert f"Nothing to upload: all {n} files are already on {REPO}" in capsys.readouterr().out
+
+
+def test_resume_uploads_only_what_is_missing(converted, hub, capsys):
+    """An earlier push left half the shards and a stale config: those shards are skipped, the rest sent."""
+    local = _local(converted)
+    shards = sorted(_lfs_names(converted))
+    kept = shards[: len(shards) // 2]
+    hub.add_repo(REPO, owner="alice")
+    hub.put_files(REPO, {**{n: local[n] for n in kept}, "config.json": b"{}"})
+    hub.requests.clear()
+    push(out_dir=converted, repo_id=REPO)
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == local
+    assert hub.count("PUT", "^/lfs/") == len(shards) - len(kept)
+    assert f"{len(kept)} of {len(local)} files are already on {REPO} at main with the same sha256: skipped" \
+        in capsys.readouterr().out
+
+
+def test_failed_commit_then_rerun_completes_without_resending(converted, hub):
+    hub.fail("POST", r"/commit/main$", 500)
+    with pytest.raises(MxconvertError) as err:
+        push(out_dir=converted, repo_id=REPO)
+    message = str(err.value)
+    assert "\n" not in message and "500" in message and "run the same command again" in message
+    assert set(hub.files(REPO)) == {".gitattributes"}  # nothing committed
+    sent = hub.count("PUT", "^/lfs/")
+    assert sent == len(_lfs_names(converted))
+    push(out_dir=converted, repo_id=REPO)
+    assert hub.count("PUT", "^/lfs/") == sent  # the stored LFS bytes were not sent again
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(converted)
+
+
+def test_failed_lfs_upload_is_retried(converted, hub):
+    hub.fail("PUT", r"^/lfs/", 500)
+    push(out_dir=converted, repo_id=REPO)
+    assert hub.count("PUT", "^/lfs/") == len(_lfs_names(converted)) + 1
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(converted)
+
+
+def test_revision_branch_created_and_resumed(converted, hub, capsys):
+    url = push(out_dir=converted, repo_id=REPO, revision="mi300x-v1", commit_message="MI300X build")
+    repo = hub.repos[REPO]
+    assert set(hub.files(REPO, "main")) == {".gitattributes"}
+    assert {k: v for k, v in hub.files(REPO, "mi300x-v1").items() if k != ".gitattributes"} == _local(converted)
+    assert repo["commits"][repo["branches"]["mi300x-v1"]]["message"] == "MI300X build (manifest)"
+    assert url.endswith(repo["branches"]["mi300x-v1"])
+    assert push(out_dir=converted, repo_id=REPO, revision="mi300x-v1") == f"{hub.endpoint}/{REPO}/tree/mi300x-v1"
+    assert "Nothing to upload" in capsys.readouterr().out
+
+
+def test_create_pr_puts_everything_in_one_pull_request(converted, hub):
+    url = push(out_dir=converted, repo_id=REPO, create_pr=True)
+    assert url == f"{hub.endpoint}/{REPO}/discussions/1"
+    assert set(hub.files(REPO, "main")) == {".gitattributes"}
+    assert set(hub.repos[REPO]["branches"]) == {"main", "refs/pr/1"}  # the manifest followed into the same PR
+    assert {k: v for k, v in hub.files(REPO, "refs/pr/1").items() if k != ".gitattributes"} == _local(converted)
+
+
+def test_create_pr_with_a_revision_is_refused_before_any_request(converted, hub):
+    with pytest.raises(MxconvertError, match="--create-pr: opens a pull request against main"):
+        push(out_dir=converted, repo_id=REPO, create_pr=True, revision="dev")
+    assert hub.requests == []
+
+
+def test_private_repo(converted, hub):
+    push(out_dir=converted, repo_id=REPO, private=True)
+    assert hub.repos[REPO]["private"]
+    hub.add_repo("alice/public", owner="alice")
+    with pytest.raises(MxconvertError, match="exists and is public, but --private was asked"):
+        push(out_dir=converted, repo_id="alice/public", private=True)
+    assert set(hub.files("alice/public")) == {".gitattributes"}
+
+
+def test_unfinished_conversion_never_reaches_the_hub(out, hub):
+    shard = sorted(_lfs_names(out))[0]
+    data = bytearray((out / shard).read_bytes())
+    data[-1] ^= 1  # same size, other bytes: only the sha256 can tell
+    (out / shard).write_bytes(bytes(data))
+    with pytest.raises(MxconvertError, match="sha256"):
+        push(out_dir=out, repo_id=REPO)
+    (out / "mxconvert.json").unlink()
+    with pytest.raises(MxconvertError, match="not a finished conversion"):
+        push(out_dir=out, repo_id=REPO)
+    assert hub.requests == []
+
+
+def test_file_over_the_hub_limit_is_named(out, hub, monkeypatch):
+    sizes = {n: (out / n).stat().st_size for n in _lfs_names(out)}
+    biggest = sorted(n for n in sizes if sizes[n] == max(sizes.values()))
+    monkeypatch.setattr(hub_module, "HUB_FILE_LIMIT", max(sizes.values()) - 1)
+    with pytest.raises(MxconvertError) as err:
+        push(out_dir=out, repo_id=REPO)
+    more = f" (so are {len(biggest) - 1} more: {', '.join(biggest[1:4])}" if len(biggest) > 1 else ""
+    assert str(err.value).startswith(f"{out / biggest[0]}: is {sizes[biggest[0]]} bytes, over the Hub's limit of "
+                                     f"{sizes[biggest[0]] - 1} bytes per file{more}")
+    assert hub.requests == []
+
+
+def test_check_file_sizes_at_the_real_limit(tmp_path):
+    check_file_sizes(out_dir=tmp_path, sizes={"a.safetensors": 50 * 10**9}, limit=hub_module.HUB_FILE_LIMIT)
+    with pytest.raises(MxconvertError) as err:
+        check_file_sizes(out_dir=tmp_path, sizes={"a.safetensors": 1, "b.safetensors": 50 * 10**9 + 1},
+                         limit=hub_module.HUB_FILE_LIMIT)
+    assert str(err.value) == (f"{tmp_path / 'b.safetensors'}: is 50.00 GB, over the Hub's limit of 50.00 GB per file. "
+                              "Convert again with a smaller --max-shard-size, e.g. 5GB.")
+
+
+def test_files_outside_the_manifest_are_not_pushed(out, hub, capsys):
+    (out / "notes.txt").write_text("mine")
+    push(out_dir=out, repo_id=REPO)
+    assert "notes.txt" not in hub.files(REPO)
+    assert "Not in the manifest, so not pushed: notes.txt" in capsys.readouterr().out
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no token", "push: no Hugging Face token. Pass --token, set HF_TOKEN, or run `hf auth login`"),
+    ("bad token", f"{REPO}: the Hub refused the token (401)"),
+    ("other's repo", "bob/model: this token may not write there (403)"),
+    ("other's namespace", "bob/new: this token may not write there (403)"),
+    ("rate limit", f"{REPO}: the Hub is rate-limiting this account (429). Wait 30 seconds, then run the same command"),
+    ("network down", "cannot be reached"),
+])
+def test_errors_are_one_line_with_what_to_do(converted, hub, monkeypatch, case, expected):
+    repo_id, token = REPO, None
+    if case == "no token":
+        monkeypatch.delenv("HF_TOKEN")
+    elif case == "bad token":
+        token = "hf_wrong"
+    elif case == "other's repo":
+        hub.add_repo("bob/model", owner="bob")
+        repo_id = "bob/model"
+    elif case == "other's namespace":
+        repo_id = "bob/new"
+    elif case == "rate limit":
+        hub.fail("POST", "/api/repos/create", 429, headers={"Retry-After": "30"})
+    elif case == "network down":
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(MxconvertError) as err:
+        push(out_dir=converted, repo_id=repo_id, token=token)
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+    assert message.endswith(".") and len(message) < 300
+    assert hub.count("PUT") == 0 and hub.count("POST", "/commit/") == 0
