@@ -1,0 +1,108 @@
+"""Tile configs for the fused MoE GEMMs, chosen by device and shape, and each device's native mode.
+
+Hopper (H100) tables: measured with scripts/bench_moe.py --sweep at MiniMax-M3 TP8 shapes
+(notes/kernels.md); the H200 takes the H100's tables (same SM, faster memory; not measured on an H200).
+gfx942 (MI300X): the seed's rules, not measured here.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    swap_ab: bool = False  # weights as the MMA's left operand: wgmma at few tokens per expert
+    group_m: int = 8
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int  # shared by both GEMMs: one routing alignment per forward
+    gemm1: GemmTile
+    gemm2: GemmTile
+
+
+# Native MXFP8 formulation per device family; Hopper's settled by the bench (notes/kernels.md).
+NATIVE_MODE = {"gfx942": "w8a8", "hopper": "w8a16", "cpu": "w8a8", "other": "w8a16"}
+
+T = GemmTile
+# Hopper: (largest tokens per expert (T * k / E), block_m, GEMM1 tile, GEMM2 tile), first match wins.
+HOPPER = {
+    "bf16": [
+        (2, 16, T(64, 128, 4, 4, True), T(64, 128, 4, 4, True)),
+        (16, 32, T(64, 128, 4, 4, True), T(128, 64, 4, 4, True)),
+        (64, 64, T(128, 64, 4, 4), T(128, 64, 4, 4)),
+        (None, 128, T(128, 64, 8, 4), T(128, 64, 8, 4)),
+    ],
+    "w8a16": [
+        (2, 16, T(64, 128, 4, 4, True), T(64, 128, 4, 4, True)),
+        (16, 32, T(64, 128, 4, 4, True), T(128, 64, 4, 4, True)),
+        (64, 64, T(128, 64, 4, 4), T(128, 64, 4, 4)),
+        (None, 128, T(128, 64, 8, 4), T(128, 64, 8, 4)),
+    ],
+    "w8a8": [
+        (2, 16, T(64, 128, 4, 4, True), T(64, 128, 4, 4, True)),
+        (16, 32, T(64, 128, 4, 4, True), T(128, 128, 4, 4, True)),
+        (64, 64, T(128, 128, 4, 3), T(128, 128, 4, 3)),
+        (None, 128, T(128, 128, 8, 3), T(128, 128, 8, 3)),
+    ],
+}
+
+
+def device_family(device: torch.device | str | None = None) -> str:
+    """'gfx942', 'hopper', 'cpu' (the Triton interpreter) or 'other'."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return "cpu"
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip:
+        return "gfx942" if getattr(props, "gcnArchName", "").startswith("gfx94") else "other"
+    return "hopper" if (props.major, props.minor) == (9, 0) else "other"
+
+
+def native_mode(device: torch.device | str | None = None) -> str:
+    """The faster MXFP8 formulation measured on this device: 'w8a8' or 'w8a16'."""
+    return NATIVE_MODE[device_family(device)]
+
+
+def fp8_format(device: torch.device | str | None = None) -> str:
+    """How FNUZ weight bytes enter the dot: 'fnuz' natively on gfx942, 'fn' with scale - 1 elsewhere."""
+    return "fnuz" if device_family(device) == "gfx942" else "fn"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _gfx942(tokens_per_expert: float, pairs: int, n: int, k: int, block_m: int) -> GemmTile:
+    # The seed's gfx942 rules (seed/inferencex-pr-1753.txt), not measured here.
+    if block_m <= 16 and k <= 512:
+        return GemmTile(64, 64, 2, 2)
+    if block_m <= 16:
+        return GemmTile(64, 128, 2, 2) if pairs < 32 else GemmTile(32, 128, 1, 2)
+    if block_m >= 64 and n >= 2048 and k >= 2048:
+        return GemmTile(64, 128, 2, 2)
+    return GemmTile(128, 64, 4 if block_m <= 32 else 8, 2)
+
+
+def moe_config(*, tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
+               mode: str, device: torch.device | str | None = None) -> MoeConfig:
+    """Tiles for GEMM1 (N 2I, K H) and GEMM2 (N H, K I) of one experts forward."""
+    family = device_family(device)
+    tpe = tokens * top_k / max(num_experts, 1)
+    if family == "cpu":  # interpreter: small tiles keep the CPU tests quick
+        return MoeConfig(16, GemmTile(32, 64, 4, 1), GemmTile(32, 64, 4, 1))
+    if family == "gfx942":
+        bm = min(max(_next_pow2(max(1, int(tpe))), 16), 64)
+        pairs = tokens * top_k
+        return MoeConfig(bm, _gfx942(tpe, pairs, 2 * intermediate, hidden, bm),
+                         _gfx942(tpe, pairs, hidden, intermediate, bm))
+    for limit, bm, t1, t2 in HOPPER[mode]:
+        if limit is None or tpe <= limit:
+            return MoeConfig(bm, t1, t2)
+    raise AssertionError("unreachable: the last row has no limit")

@@ -1,0 +1,79 @@
+"""The fused MoE grouped GEMM: launch wrapper and its pure-torch reference.
+
+Shape legend: T tokens, k slots, P = T * k pairs, E experts, N out, K in, G = K / 32.
+A is [T, K] (a_div = k: GEMM1 reads each token for each of its slots) or [P, K] (a_div = 1: GEMM2).
+B is [E, N, K]: BF16, or FP8 bytes with E8M0 scales packed [E, G, N] (FORMAT.md).
+"""
+
+import torch
+
+from mxconvert.errors import MxconvertError
+from mxconvert.kernels._moe_gemm import _fused_moe_kernel
+from mxconvert.kernels.align import Alignment
+from mxconvert.kernels.config import GemmTile
+from mxconvert.layout import BLOCK, dequantize, unpack_scales
+
+MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
+FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
+
+
+def moe_gemm(a: torch.Tensor, b: torch.Tensor, *, align: Alignment, num_pairs: int, a_div: int,
+             tile: GemmTile, mode: str, a_scale: torch.Tensor | None = None,
+             b_scale: torch.Tensor | None = None, fp8_format: str = "fn",
+             topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """C [P, N] BF16 = A[p // a_div] @ B[expert(p)]^T (* topk_weights[p]); no host synchronization.
+
+    FP8 B bytes are E4M3FNUZ. fp8_format "fnuz" feeds them to the dot as they are (gfx942); "fn" reads
+    them as E4M3FN, which doubles each value, and lowers every scale exponent by one (exact) to undo it.
+    """
+    e, n, k = b.shape
+    if k % BLOCK or a.shape[-1] != k:
+        raise MxconvertError("moe_gemm", f"K {k} of B [{e}, {n}, {k}] vs A {tuple(a.shape)}",
+                             "K must match and be a multiple of 32")
+    if mode != "bf16" and (b_scale is None or tuple(b_scale.shape) != (e, k // BLOCK, n)):
+        raise MxconvertError("moe_gemm", f"scales {None if b_scale is None else tuple(b_scale.shape)}",
+                             f"pass packed E8M0 scales [{e}, {k // BLOCK}, {n}]")
+    if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values()):
+        raise MxconvertError("moe_gemm", "w8a8 without FP8 activations", "quantize A with quantize_mxfp8")
+    c = torch.empty(num_pairs, n, dtype=torch.bfloat16, device=a.device)
+    if num_pairs == 0:
+        return c
+    if mode != "bf16":
+        b = b.view(torch.uint8).view(FP8_VIEW[fp8_format])
+    if mode == "w8a8":
+        a = a.view(torch.uint8).view(FP8_VIEW[fp8_format])
+    bm = align.block_m
+    grid = (align.max_blocks * -(-n // tile.block_n),)
+    dummy = c
+    _fused_moe_kernel[grid](
+        a, a_scale if a_scale is not None else dummy, b, b_scale if b_scale is not None else dummy, c,
+        topk_weights if topk_weights is not None else dummy,
+        align.sorted_ids, align.expert_ids, align.num_post_pad,
+        n, k, num_pairs,
+        a.stride(0), a_scale.stride(0) if a_scale is not None else 0, b.stride(0), b.stride(1),
+        b_scale.stride(0) if b_scale is not None else 0, b_scale.stride(1) if b_scale is not None else 0,
+        c.stride(0),
+        A_DIV=a_div, MODE=MODES[mode], SCALE_SHIFT=int(fp8_format == "fn"),
+        MUL_WEIGHT=topk_weights is not None, SWAP_AB=tile.swap_ab, UPCAST=a.device.type == "cpu",
+        BLOCK_M=bm, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return c
+
+
+def dequantized_weights(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """FNUZ bytes [E, N, K] + packed scales [E, G, N] -> exact float32 values (layout's rules)."""
+    return dequantize(b.view(torch.uint8), unpack_scales(b_scale), fnuz=True, dtype=torch.float64).float()
+
+
+def moe_gemm_reference(a: torch.Tensor, b: torch.Tensor, topk_ids: torch.Tensor, *, a_div: int,
+                       topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 C [P, N] from float A and float B [E, N, K] (dequantize first), one expert at a time."""
+    ids = topk_ids.reshape(-1)
+    c = torch.zeros(ids.numel(), b.shape[1], dtype=torch.float32, device=a.device)
+    for e in ids.unique().tolist():
+        p = (ids == e).nonzero().flatten()
+        c[p] = a[p // a_div].float() @ b[e].float().T
+    if topk_weights is not None:
+        c *= topk_weights.reshape(-1, 1).float()
+    return c

@@ -1,0 +1,93 @@
+"""Whole experts forwards (W8A8, W8A16, BF16) against the float32 reference; GPU: TP8 shapes, CUDA graphs."""
+
+import pytest
+import torch
+
+from mxconvert.kernels.config import fp8_format
+from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8, moe_experts_reference, native_mode
+from mxconvert.kernels.moe_gemm import dequantized_weights
+
+from conftest import ON_GPU, random_fnuz_weights, random_routing, rel_err
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run through the device tool)")
+
+
+def make(t, k, e, h, i, gen, device, skew=False):
+    w13, s13 = random_fnuz_weights(e, 2 * i, h, gen)
+    w2, s2 = random_fnuz_weights(e, h, i, gen)
+    ids, w = random_routing(t, k, e, gen, skew=skew)
+    x = torch.randn(t, h, generator=gen).bfloat16()
+    d = lambda v: v.to(device)
+    fp8 = dict(w13=d(w13), w13_scale=d(s13), w2=d(w2), w2_scale=d(s2))
+    wf = dict(w13=dequantized_weights(d(w13), d(s13)), w2=dequantized_weights(d(w2), d(s2)))
+    return d(x), d(w), d(ids), fp8, wf
+
+
+def check_all(x, w, ids, fp8, wf, fmt=None):
+    ref = moe_experts_reference(x, w, ids, **wf)
+    bf = dict(w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16())
+    out = moe_experts_bf16(x, w, ids, **bf)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2  # BF16 rounding of the GEMM outputs and activation
+    out = moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16", fp8_format=fmt)
+    assert rel_err(out, ref) < 1e-2
+    q = fmt or fp8_format(x.device)
+    out = moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a8", fp8_format=fmt)
+    assert rel_err(out, moe_experts_reference(x, w, ids, **wf, quantize=q)) < 2e-2  # rare FP8 rounding flips
+    assert rel_err(out, ref) < 8e-2  # MXFP8 activations against none
+
+
+@pytest.mark.parametrize("t,k,e,skew", [(1, 1, 1, False), (7, 2, 4, False), (13, 8, 16, True),
+                                        (33, 4, 128, True)])
+@pytest.mark.parametrize("fmt", ["fn", "fnuz"])
+def test_forward_small(t, k, e, skew, fmt, device, gen):
+    if fmt == "fnuz" and ON_GPU and torch.version.hip is None:
+        pytest.skip("NVIDIA has no FNUZ dot: the GPU reads FNUZ bytes as E4M3FN")
+    x, w, ids, fp8, wf = make(t, k, e, 96, 64, gen, device, skew)  # H 96, I 64: not multiples of 128
+    check_all(x, w, ids, fp8, wf, fmt)
+
+
+def test_forward_empty(device, gen):
+    x, w, ids, fp8, wf = make(0, 4, 8, 64, 32, gen, device)
+    assert moe_experts_mxfp8(x, w, ids, **fp8).shape == (0, 64)
+    assert moe_experts_bf16(x, w, ids, w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16()).shape == (0, 64)
+
+
+def test_native_mode(device):
+    assert native_mode(device) in ("w8a8", "w8a16")
+
+
+@gpu
+@pytest.mark.parametrize("t", [1, 37, 300])
+def test_forward_tp8_shapes(t, gen):
+    # MiniMax-M3 per rank at TP8: E 128, H 6144, I 384, top-4
+    x, w, ids, fp8, wf = make(t, 4, 128, 6144, 384, gen, "cuda")
+    check_all(x, w, ids, fp8, wf)
+
+
+@gpu
+@pytest.mark.parametrize("path", ["w8a8", "w8a16", "bf16"])
+def test_cuda_graph_replay(path, gen):
+    # capture with one routing, rewrite the routing in place, replay: the result follows the new routing
+    t, k, e, h, i = 64, 4, 128, 1024, 384
+    x, w, ids, fp8, wf = make(t, k, e, h, i, gen, "cuda")
+    bf = dict(w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16())
+    fwd = (lambda: moe_experts_bf16(x, w, ids, **bf)) if path == "bf16" else (
+        lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=path))
+    fwd()  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fwd()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fwd()
+    new_ids, new_w = random_routing(t, k, e, gen, skew=True)
+    ids.copy_(new_ids)
+    w.copy_(new_w)
+    x.copy_(torch.randn(t, h, generator=gen).bfloat16())
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = moe_experts_reference(x, w, ids, **wf, quantize=fp8_format(x.device) if path == "w8a8" else None)
+    assert rel_err(out, ref) < 2e-2
