@@ -18,6 +18,7 @@ from .manifest import sha256_file, verify
 
 HUB_FILE_LIMIT = 50 * 1000**3  # the Hub refuses a file over 50 GB
 PATHS_INFO_BATCH = 100  # paths per paths-info request
+REGULAR_FILE_MAX = 10 * 2**20  # the Hub stores larger files through LFS/xet
 RERUN = "run the same command again: files already on the Hub are skipped"
 
 
@@ -26,13 +27,13 @@ def push(*, out_dir: Path, repo_id: str, private: bool = False, revision: str | 
     """Upload OUT_DIR to REPO_ID and return the URL of the commit, the pull request, or the repo."""
     out_dir = Path(out_dir)
     if create_pr and revision not in (None, "main"):
-        raise MxconvertError("--create-pr", f"opens a pull request against main, so it cannot go with --revision {revision}",
-                             f"Drop --create-pr to push to branch {revision}, or drop --revision")
+        raise MxconvertError("--create-pr", f"opens a pull request against main, so it cannot go with --revision "
+                             f"{revision}", f"Drop --create-pr to push to branch {revision}, or drop --revision")
     manifest = verify(out_dir=out_dir, full=True)  # a half-finished conversion never reaches the Hub
     files = {e["name"]: (e["size"], e["sha256"]) for e in manifest["files"]}
     manifest_path = out_dir / fmt.MANIFEST_NAME
     files[fmt.MANIFEST_NAME] = (manifest_path.stat().st_size, sha256_file(manifest_path))
-    check_file_sizes(out_dir=out_dir, sizes={name: size for name, (size, _) in files.items()}, limit=HUB_FILE_LIMIT)
+    check_file_sizes(out_dir=out_dir, sizes={n: size for n, (size, _) in files.items()}, limit=HUB_FILE_LIMIT)
     token = token or get_token()
     if not token:
         raise MxconvertError("push", "no Hugging Face token",
@@ -49,12 +50,13 @@ def push(*, out_dir: Path, repo_id: str, private: bool = False, revision: str | 
 
 
 def check_file_sizes(*, out_dir: Path, sizes: dict[str, int], limit: int) -> None:
-    """Refuse before uploading anything when one file is over the Hub's per-file limit."""
+    """Refuse before uploading anything when a file is over the Hub's per-file limit."""
     over = sorted(name for name, size in sizes.items() if size > limit)
     if over:
-        more = f" (so are {len(over) - 1} more: {', '.join(over[1:4])}{', ...' if len(over) > 4 else ''})" if len(over) > 1 else ""
-        raise MxconvertError(Path(out_dir) / over[0], f"is {_size(sizes[over[0]])}, over the Hub's limit of "
-                             f"{_size(limit)} per file{more}", "Convert again with a smaller --max-shard-size, e.g. 5GB")
+        more = f" (so are {len(over) - 1} more: {_names(over[1:])})" if len(over) > 1 else ""
+        raise MxconvertError(Path(out_dir) / over[0],
+                             f"is {_size(sizes[over[0]])}, over the Hub's limit of {_size(limit)} per file{more}",
+                             "Convert again with a smaller --max-shard-size, e.g. 5GB")
 
 
 def _push(api: HfApi, out_dir: Path, repo_id: str, files: dict, private: bool, branch: str | None,
@@ -67,19 +69,17 @@ def _push(api: HfApi, out_dir: Path, repo_id: str, files: dict, private: bool, b
         api.create_branch(repo_id, branch=branch, exist_ok=True)
     target = branch or "main"  # a new pull request starts from main
     remote = _remote_files(api, repo_id, target, sorted(files))
-    missing = sorted(name for name, (size, sha) in files.items() if not _same(out_dir / name, size, sha, remote.get(name)))
-    extra = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name not in files and not p.name.startswith("."))
-    if extra:
-        _say(f"Not in the manifest, so not pushed: {', '.join(extra)}")
-    on_hub = len(files) - len(missing)
+    missing = sorted(n for n, (size, sha) in files.items() if not _same(out_dir / n, size, sha, remote.get(n)))
+    _report_strays(api, out_dir, repo_id, target, files)
     if not missing:
         _say(f"Nothing to upload: all {len(files)} files are already on {repo_id} at {target} with the same sha256.")
         return repo_url if target == "main" else f"{repo_url}/tree/{target}"
-    if on_hub:
-        _say(f"{on_hub} of {len(files)} files are already on {repo_id} at {target} with the same sha256: skipped "
-             "(a previous push got that far).")
+    if len(missing) < len(files):
+        _say(f"{len(files) - len(missing)} of {len(files)} files are already on {repo_id} at {target} with the same "
+             "sha256: skipped (a previous push got that far).")
     nbytes = sum(files[name][0] for name in missing)
-    _say(f"Uploading {len(missing)} files ({_size(nbytes)}) to {repo_id} at {'a new pull request' if create_pr else target}.")
+    where = "a new pull request" if create_pr else target
+    _say(f"Uploading {len(missing)} files ({_size(nbytes)}) to {repo_id} at {where}.")
     pr_url = None
     body = [name for name in missing if name != fmt.MANIFEST_NAME]
     if body:
@@ -95,8 +95,26 @@ def _push(api: HfApi, out_dir: Path, repo_id: str, files: dict, private: bool, b
     return url
 
 
+def _report_strays(api: HfApi, out_dir: Path, repo_id: str, target: str, files: dict) -> None:
+    """Say which local files are not pushed, and which remote ones (an older conversion's shards) are left."""
+    local = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name not in files and p.name[0] != ".")
+    if local:
+        _say(f"Not in the manifest, so not pushed: {_names(local)}")
+    siblings = api.repo_info(repo_id, revision=target).siblings or []
+    stale = sorted(s.rfilename for s in siblings if s.rfilename not in files and s.rfilename != ".gitattributes")
+    if stale:
+        _say(f"On {repo_id} at {target} but not in this conversion, left in place: {_names(stale)} "
+             "(delete them on the Hub if an older conversion left them)")
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB" if nbytes >= 10**6 else f"{nbytes} bytes"
+    if nbytes >= 10**9:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 10**6 else f"{nbytes} bytes"
 
 
 def _remote_files(api: HfApi, repo_id: str, revision: str, paths: list[str]) -> dict:
@@ -115,7 +133,8 @@ def _same(path: Path, size: int, sha256: str, remote) -> bool:
         return False
     if remote.lfs is not None:
         return remote.lfs.sha256 == sha256
-    return remote.blob_id == git_blob_id(path)  # a small, regular git file
+    # A regular git file is small; a big one without LFS info is left to upload_folder, which skips it if unchanged.
+    return size <= REGULAR_FILE_MAX and remote.blob_id == git_blob_id(path)
 
 
 def git_blob_id(path: Path) -> str:
@@ -161,8 +180,9 @@ def explain(error: BaseException, *, repo_id: str, endpoint: str) -> MxconvertEr
         return MxconvertError(repo_id, "the Hub refused the token (401)",
                               "Pass a valid --token, set HF_TOKEN, or run `hf auth login`")
     if status == 403:
-        return MxconvertError(repo_id, "this token may not write there (403): the namespace belongs to someone else, "
-                              "or the token is read-only", "Push to a namespace you own, or use a token with write access to it")
+        return MxconvertError(repo_id, "this token may not write there (403): the namespace belongs to someone "
+                              "else, or the token is read-only",
+                              "Push to a namespace you own, or use a token with write access to it")
     if any(isinstance(e, RevisionNotFoundError) for e in chain):
         return MxconvertError(repo_id, "the branch does not exist", "Check --revision (refs/pr/N for a pull request)")
     if any(isinstance(e, RepositoryNotFoundError) for e in chain) or status == 404:
@@ -172,7 +192,8 @@ def explain(error: BaseException, *, repo_id: str, endpoint: str) -> MxconvertEr
         return MxconvertError(repo_id, "the Hub is rate-limiting this account (429)",
                               f"Wait {f'{wait} seconds' if wait else 'a few minutes'}, then {RERUN}")
     if status is not None and status >= 500:
-        return MxconvertError(repo_id, f"the Hub failed with {status} and the upload stopped", f"Wait a little, then {RERUN}")
+        return MxconvertError(repo_id, f"the Hub failed with {status} and the upload stopped",
+                              f"Wait a little, then {RERUN}")
     first = str(chain[0]).strip().splitlines()
     detail = next((line for line in first if line.strip()), type(chain[0]).__name__)
     if isinstance(chain[0], ValueError) and "README.md" in str(chain[0]):  # the Hub's validate-yaml said no

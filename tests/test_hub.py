@@ -191,6 +191,15 @@ def test_files_outside_the_manifest_are_not_pushed(out, hub, capsys):
     assert "Not in the manifest, so not pushed: notes.txt" in capsys.readouterr().out
 
 
+def test_remote_files_of_an_older_conversion_are_reported_and_kept(converted, hub, capsys):
+    hub.add_repo(REPO, owner="alice")
+    hub.put_files(REPO, {"model-00001-of-00099.safetensors": b"\0old shard"})
+    push(out_dir=converted, repo_id=REPO)
+    assert hub.files(REPO)["model-00001-of-00099.safetensors"] == b"\0old shard"
+    assert (f"On {REPO} at main but not in this conversion, left in place: model-00001-of-00099.safetensors"
+            in capsys.readouterr().out)
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,6 +213,7 @@ def _closed_port() -> int:
     ("other's namespace", "bob/new: this token may not write there (403)"),
     ("rate limit", f"{REPO}: the Hub is rate-limiting this account (429). Wait 30 seconds, then run the same command"),
     ("network down", "cannot be reached"),
+    ("card refused", "README.md: the Hub rejects its metadata"),
 ])
 def test_errors_are_one_line_with_what_to_do(converted, hub, monkeypatch, case, expected):
     repo_id, token = REPO, None
@@ -218,6 +228,8 @@ def test_errors_are_one_line_with_what_to_do(converted, hub, monkeypatch, case, 
         repo_id = "bob/new"
     elif case == "rate limit":
         hub.fail("POST", "/api/repos/create", 429, headers={"Retry-After": "30"})
+    elif case == "card refused":
+        hub.fail("POST", "/api/validate-yaml", 400)
     elif case == "network down":
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(MxconvertError) as err:
