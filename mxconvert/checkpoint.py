@@ -9,6 +9,7 @@ import json
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class SourceCheckpoint:
                 self.tensors[name] = TensorInfo(name, shard, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin)
         self.groups = self._expert_groups()
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reads come from several threads
 
     def _load_json(self, path: Path) -> dict:
         if not path.is_file():
@@ -132,24 +134,29 @@ class SourceCheckpoint:
             slot[PROJECTION[m["proj"]]] = (info, scale) if m["kind"] == "weight" else (weight, info)
         return groups
 
-    def read(self, info: TensorInfo, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Bytes [start, start + length) of a tensor's data as a uint8 tensor, read once from disk."""
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def read(self, info: TensorInfo, start: int = 0, length: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes [start, start + length) of a tensor's data as a uint8 tensor (into `out` if given)."""
         length = info.nbytes - start if length is None else length
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(length)
-        view, done = memoryview(buf), 0
+        if out is None:
+            out = torch.empty(length, dtype=torch.uint8)
+        view, done, fd = memoryview(out.numpy()).cast("B"), 0, self._fd(info.file)
+        assert len(view) == length, (info.name, len(view), length)
         while done < length:
             n = os.preadv(fd, [view[done:]], info.offset + start + done)
             if n == 0:
                 raise MxconvertError(info.file, f"ends inside tensor {info.name}", "Re-download this shard")
             done += n
-        return torch.frombuffer(buf, dtype=torch.uint8) if length else torch.empty(0, dtype=torch.uint8)
+        return out
 
-    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
+    def read_tensor(self, info: TensorInfo, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """A whole tensor's bytes, shaped [*shape] for one-byte dtypes, flat otherwise."""
-        data = self.read(info)
+        data = self.read(info, out=out)
         return data.view(info.shape) if DTYPE_BYTES[info.dtype] == 1 else data
 
     def close(self) -> None:

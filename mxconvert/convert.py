@@ -6,14 +6,17 @@ manifest last -> verify (cheap part).
 
 import fnmatch
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from . import format as fmt
+from .card import write_model_card
 from .checkpoint import SINGLE_NAME, SourceCheckpoint, resolve_model_dir
 from .errors import MxconvertError
 from .manifest import sha256_file, verify, write_manifest
@@ -26,6 +29,7 @@ SIDE_FILES = (
     "chat_template*", "generation_config.json", "preprocessor_config.json", "processor_config.json",
     "video_preprocessor_config.json", "*.py", "LICENSE*",
 )  # fmt: skip
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # expert threads
 SOURCE_FILES = ("config.json", fmt.INDEX_NAME, "*.safetensors", "README.md", *SIDE_FILES)  # what a Hub fetch needs
 
 
@@ -59,27 +63,7 @@ def convert(
         return plan
 
     out = _prepare_out_dir(Path(out_dir), local_dir, force=force)
-    hashes: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=1) as hasher, tqdm(
-        total=plan.output_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress
-    ) as bar:
-        pending = {}
-        sink = ShardSet(out, plan, on_finish=lambda p: pending.setdefault(p.name, hasher.submit(sha256_file, p)),
-                        on_bytes=bar.update)
-        try:
-            done_groups = set()
-            for t in plan.tensors:
-                if t.source is not None:
-                    copy_tensor(source, t.source, sink)
-                elif t.group.prefix not in done_groups:
-                    done_groups.add(t.group.prefix)
-                    write_group(source, t.group, sink, device=device)
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            source.close()
-        hashes.update({name: f.result() for name, f in pending.items()})
+    hashes = _write_shards(source, plan, out, device=device, progress=progress)
 
     config = json.loads((local_dir / "config.json").read_text())
     _replace_quant_config(config, plan, source, options)
@@ -89,8 +73,6 @@ def convert(
                                              "weight_map": dict(sorted(weight_map.items()))})
     for path in _side_files(local_dir):
         write_atomic(out / path.name, path.read_bytes())
-    from .card import write_model_card  # the card module also serves the Hub push
-
     write_model_card(out_dir=out, source=str(model_dir), source_repo_id=source_id.get("repo_id"),
                      source_revision=source_id.get("revision"),
                      source_card=local_dir / fmt.CARD_NAME if (local_dir / fmt.CARD_NAME).is_file() else None,
@@ -101,6 +83,38 @@ def convert(
     write_manifest(out, options=options, source=source, source_id=source_id, files=hashes)
     verify(out_dir=out, full=False)
     return plan
+
+
+def _write_shards(source: SourceCheckpoint, plan: Plan, out: Path, *, device: str, progress: bool) -> dict[str, str]:
+    """Stream every planned tensor into its shard; returns each shard's sha256.
+
+    Experts convert on WORKERS threads; a finished shard is flushed, renamed and hashed on one more,
+    so the workers never wait on the disk.
+    """
+    hashes, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over experts instead: no oversubscription of small ops
+    with ThreadPoolExecutor(WORKERS) as pool, ThreadPoolExecutor(1) as finisher, tqdm(
+        total=plan.output_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress
+    ) as bar:
+        finishing = []
+        finish = lambda writer: finishing.append(finisher.submit(lambda: (writer.finish().name, sha256_file(writer.path))))  # noqa: E731
+        sink = ShardSet(out, plan, on_full=finish, on_bytes=bar.update)
+        try:
+            done_groups = set()
+            for t in plan.tensors:
+                if t.source is not None:
+                    copy_tensor(source, t.source, sink)
+                elif t.group.prefix not in done_groups:
+                    done_groups.add(t.group.prefix)
+                    write_group(source, t.group, sink, device=device, pool=pool, in_flight=WORKERS + 1)
+            hashes.update(f.result() for f in finishing)
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            source.close()
+            torch.set_num_threads(threads)
+    return hashes
 
 
 def _prepare_out_dir(out: Path, source_dir: Path, *, force: bool) -> Path:
@@ -142,7 +156,7 @@ def describe(plan: Plan, source: SourceCheckpoint) -> str:
     lines += [
         f"tensors in: {len(source.tensors)} ({in_bytes / gib:.2f} GiB in {len(source.shards)} files)",
         f"tensors out: {len(plan.tensors)} ({plan.output_bytes / gib:.2f} GiB in {len(plan.shards)} shards)",
-        f"estimated peak memory: {plan.peak_memory_estimate() / gib:.2f} GiB",
+        f"estimated peak memory: {plan.peak_memory_estimate(in_flight=WORKERS + 1) / gib:.2f} GiB",
         "dry run: nothing written",
     ]
     return "\n".join(lines)

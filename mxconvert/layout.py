@@ -4,6 +4,7 @@ All functions take and return uint8 byte tensors (values and E8M0 scales), on an
 Shape legend: E experts, N out, K in, G = K // 32 scale groups.
 """
 
+import numpy as np
 import torch
 
 BLOCK = 32  # weights per E8M0 scale, along K
@@ -14,19 +15,23 @@ SCALE_LIMIT = 254  # a source scale byte >= this has no FNUZ counterpart (254 + 
 
 def first_bad_value(values: torch.Tensor) -> int | None:
     """Flat index of the first E4M3FN NaN byte (0x7F, 0xFF), or None."""
-    bad = (values & 0x7F) == 0x7F
-    return int(bad.flatten().nonzero()[0]) if bool(bad.any()) else None
+    bad = np.bitwise_and(values.numpy(), 0x7F) == 0x7F  # numpy: about 10x torch's uint8 speed on CPU
+    return int(bad.argmax()) if bad.any() else None
 
 
 def first_bad_scale(scales: torch.Tensor) -> int | None:
     """Flat index of the first source scale byte that FNUZ cannot represent (>= 254), or None."""
-    bad = scales >= SCALE_LIMIT
-    return int(bad.flatten().nonzero()[0]) if bool(bad.any()) else None
+    bad = scales.numpy() >= SCALE_LIMIT
+    return int(bad.argmax()) if bad.any() else None
 
 
-def fn_to_fnuz_values(values: torch.Tensor) -> torch.Tensor:
+def fn_to_fnuz_values(values: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """E4M3FN bytes -> E4M3FNUZ bytes meaning half the value: the same byte, but -0 becomes +0."""
-    return values.masked_fill(values == FN_NEG_ZERO, 0)
+    if not inplace or values.device.type != "cpu":
+        return values.masked_fill(values == FN_NEG_ZERO, 0)
+    array = values.numpy()
+    np.putmask(array, array == FN_NEG_ZERO, 0)
+    return values
 
 
 def fn_to_fnuz_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,7 @@ def dequantize(
     return (v * s).reshape(*lead, n, k)
 
 
-def dequantize_bf16(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def dequantize_bf16(values: torch.Tensor, scales: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """FNUZ bytes [..., N, K] and unpacked scales [..., N, G] -> BF16, the value rounded to nearest even.
 
     Fast and exact: an FP8 value has 4 significant bits and a scale is a power of two, so the
@@ -75,4 +80,7 @@ def dequantize_bf16(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     *lead, n, k = values.shape
     v = values.view(torch.float8_e4m3fnuz).to(torch.bfloat16).reshape(*lead, n, k // BLOCK, BLOCK)
     s = e8m0_to_float(scales, torch.bfloat16).unsqueeze(-1)
-    return (v * s).reshape(*lead, n, k)
+    if out is None:
+        out = torch.empty(values.shape, dtype=torch.bfloat16, device=values.device)
+    torch.mul(v, s, out=out.view(*lead, n, k // BLOCK, BLOCK))
+    return out

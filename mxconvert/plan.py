@@ -67,10 +67,10 @@ class Plan:
     def output_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    def peak_memory_estimate(self) -> int:
-        """Largest working set: one expert's projections in, FNUZ and BF16 out, plus temporaries."""
-        per_expert = max((3 * g.hidden * g.inter for g in self.groups), default=0)
-        return 12 * per_expert + 2 * COPY_CHUNK + 400 * 2**20  # + interpreter, torch
+    def peak_memory_estimate(self, *, in_flight: int) -> int:
+        """Experts in flight, each holding its w13 [2I, H] as FP8 bytes and BF16; a copy chunk; the runtime."""
+        per_expert = max((3 * 2 * g.inter * g.hidden for g in self.groups), default=0)
+        return in_flight * per_expert + 2 * COPY_CHUNK + 400 * 2**20  # + interpreter, torch
 
 
 COPY_CHUNK = 64 * 2**20  # bytes per read/write of a passed-through tensor

@@ -6,6 +6,7 @@ leaves a file that looks finished. Memory holds only the chunk being written.
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,7 +77,6 @@ class ShardWriter:
         """Write a contiguous CPU tensor's bytes at `offset` within tensor `name`; returns the byte count."""
         raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
         _pwrite_all(self.fd, raw, self.offsets[name] + offset, self.tmp)
-        self.remaining -= len(raw)
         return len(raw)
 
     def finish(self) -> Path:
@@ -92,24 +92,33 @@ class ShardWriter:
 
 
 class ShardSet:
-    """All shards of a plan, opened when first written and finished when full; on_finish gets each path."""
+    """All shards of a plan, written from several threads; a shard is opened when first written and
+    handed to on_full (which finishes it) once its last byte is in."""
 
-    def __init__(self, out_dir: Path, plan: Plan, on_finish: Callable[[Path], None], on_bytes: Callable[[int], None]):
-        self.out_dir, self.on_finish, self.on_bytes = out_dir, on_finish, on_bytes
+    def __init__(self, out_dir: Path, plan: Plan, on_full: Callable[[ShardWriter], None], on_bytes: Callable[[int], None]):
+        self.out_dir, self.on_full, self.on_bytes = out_dir, on_full, on_bytes
         self.shard_of = {t.name: shard for shard in plan.shards for t in shard.tensors}
         self.open: dict[str, ShardWriter] = {}
+        self._lock = threading.Lock()
 
     def write(self, name: str, offset: int, data: torch.Tensor) -> None:
         shard = self.shard_of[name]
-        writer = self.open.get(shard.name)
-        if writer is None:
-            writer = self.open[shard.name] = ShardWriter(self.out_dir / shard.name, shard.tensors)
-        self.on_bytes(writer.write(name, offset, data))
-        if writer.remaining == 0:
-            del self.open[shard.name]
-            self.on_finish(writer.finish())
+        with self._lock:
+            writer = self.open.get(shard.name)
+            if writer is None:
+                writer = self.open[shard.name] = ShardWriter(self.out_dir / shard.name, shard.tensors)
+        n = writer.write(name, offset, data)
+        with self._lock:
+            writer.remaining -= n
+            full = writer.remaining == 0
+            if full:
+                del self.open[shard.name]
+            self.on_bytes(n)
+        if full:
+            self.on_full(writer)
 
     def abort(self) -> None:
-        for writer in self.open.values():
-            writer.abort()
-        self.open.clear()
+        with self._lock:
+            for writer in self.open.values():
+                writer.abort()
+            self.open.clear()
