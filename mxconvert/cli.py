@@ -60,6 +60,7 @@ def main():
               help="Where the BF16 copies are computed (bit-identical either way).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (bytes written).")
+@click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo (see `mxconvert push`).")
 def convert(**kwargs):
     """Convert MODEL_DIR (a local checkpoint or a Hub repo id) into OUT_DIR."""
     from .convert import convert as run_convert
@@ -80,6 +81,22 @@ def verify(out_dir, source, quick):
     manifest = _run(run_verify, out_dir=out_dir, source=source, full=not quick)
     checked = "sizes, headers" if quick else "sizes, sha256"
     click.echo(f"OK: {len(manifest['files'])} files ({checked}, index, format)" + (", source bit-exact" if source else ""))
+
+
+@main.command(epilog=EXAMPLES)
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch, created if missing.")
+@click.option("--token", help="Hub token (default: HF_TOKEN, else the saved login).")
+@click.option("--commit-message", help="Message of the upload commit.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+def push(**kwargs):
+    """Upload a verified OUT_DIR to the Hugging Face Hub, resumably (files already there are skipped)."""
+    from .hub import push as run_push
+
+    url = _run(run_push, **kwargs)
+    click.echo(f"Pushed to {url}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,12 @@ def convert(
     device: str = "cpu",
     force: bool = False,
     progress: bool = True,
+    push_to_hub: str | None = None,
 ) -> Plan:
-    """Convert MODEL_DIR (a local directory or a Hub repo id) into OUT_DIR; returns the plan it followed."""
+    """Convert MODEL_DIR (a local directory or a Hub repo id) into OUT_DIR; returns the plan it followed.
+
+    push_to_hub: a Hub repo id to upload the verified result to (mxconvert.hub.push, with its defaults).
+    """
     if bf16 not in ("materialize", "derive"):
         raise MxconvertError("--bf16", f"{bf16!r} is not materialize or derive", "Pick one of the two")
     if not 0 <= bf16_max_tokens < bf16_min_tokens:
@@ -82,6 +86,10 @@ def convert(
             hashes[path.name] = sha256_file(path)
     write_manifest(out, options=options, source=source, source_id=source_id, files=hashes)
     verify(out_dir=out, full=False)
+    if push_to_hub:
+        from .hub import push  # huggingface_hub's upload machinery only when asked for
+
+        push(out_dir=out, repo_id=push_to_hub)
     return plan
 
 
