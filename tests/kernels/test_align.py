@@ -5,7 +5,7 @@ import torch
 
 from mxconvert.kernels.align import align_routing, align_routing_reference, max_slots
 
-from conftest import random_routing  # tests/kernels/conftest.py
+from kernel_helpers import random_routing
 
 
 @pytest.mark.parametrize("t,k,e,bm,skew", [(0, 4, 8, 16, False), (1, 1, 1, 16, False), (7, 2, 4, 16, False),

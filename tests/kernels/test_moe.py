@@ -7,7 +7,7 @@ from mxconvert.kernels.config import fp8_format
 from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8, moe_experts_reference, native_mode
 from mxconvert.kernels.moe_gemm import dequantized_weights
 
-from conftest import ON_GPU, random_fnuz_weights, random_routing, rel_err
+from kernel_helpers import ON_GPU, random_fnuz_weights, random_routing, rel_err
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run through the device tool)")
 

@@ -8,7 +8,7 @@ from mxconvert.kernels.config import GemmTile
 from mxconvert.kernels.moe_gemm import dequantized_weights, moe_gemm, moe_gemm_reference
 from mxconvert.kernels.quant import quantize_mxfp8
 
-from conftest import random_fnuz_weights, random_routing, rel_err
+from kernel_helpers import random_fnuz_weights, random_routing, rel_err
 
 TILES = [GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1, swap_ab=True), GemmTile(64, 128, 4, 1, swap_ab=True)]
 

@@ -1,0 +1,220 @@
+"""Benchmark the MoE experts forwards on one GPU: ours (W8A8, W8A16, BF16) against torch._grouped_mm BF16.
+
+Each latency is the whole experts forward (routing alignment, activation quantization, both GEMMs, the
+activation, the top-k sum), captured in a CUDA graph and replayed (median of device-event timings).
+Limits measured in the same run: device copy bandwidth (bytes read + written) and torch._scaled_mm FP8
+at 8192^3. Weights are random FNUZ bytes with E8M0 scales in the FORMAT.md layouts; routing is uniform.
+
+  python3 scripts/bench_moe.py --json out.json            # the table (TP8 and TP1 shapes)
+  python3 scripts/bench_moe.py --sweep --json sweep.json  # per-GEMM tile sweep at TP8 (kernels/config.py)
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mxconvert.kernels import config as cfg  # noqa: E402
+from mxconvert.kernels.align import align_routing  # noqa: E402
+from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8  # noqa: E402
+from mxconvert.kernels.moe_gemm import moe_gemm  # noqa: E402
+from mxconvert.kernels.quant import quantize_mxfp8, swiglu_oai  # noqa: E402
+from mxconvert.layout import dequantize_bf16, unpack_scales  # noqa: E402
+
+SHAPES = {"tp8": (128, 6144, 384, 4), "tp1": (128, 6144, 3072, 4)}  # E, H, I per rank, top-k
+TOKENS = [1, 8, 32, 128, 512, 1024, 4096, 8192]
+
+
+def bench(fn, graph=True):
+    """Median microseconds of fn, replayed from a CUDA graph (launch gaps out of the numbers)."""
+    fn()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    else:
+        run = fn
+    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def limits():
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda").random_(), torch.empty(n, dtype=torch.uint8, device="cuda")
+    copy_gbs = 2 * n / (bench(lambda: dst.copy_(src), graph=False) * 1e-6) / 1e9
+    m = 8192
+    a = torch.randn(m, m, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(m, m, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    us = bench(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), graph=False)
+    return copy_gbs, 2 * m**3 / (us * 1e-6) / 1e12
+
+
+def make_weights(e, h, i):
+    def fp8(n, k):
+        v = (torch.randn(e, n, k, device="cuda") * 16).clamp(-224, 224).to(torch.float8_e4m3fnuz).view(torch.uint8)
+        return v, torch.randint(118, 125, (e, k // 32, n), dtype=torch.uint8, device="cuda")
+    w13, s13 = fp8(2 * i, h)
+    w2, s2 = fp8(h, i)
+    bf = [torch.cat([dequantize_bf16(v[j:j + 8], unpack_scales(s[j:j + 8])) for j in range(0, e, 8)])
+          for v, s in ((w13, s13), (w2, s2))]
+    return dict(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2), dict(w13_bf16=bf[0], w2_bf16=bf[1])
+
+
+def routing(t, k, e, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.rand(t, e, generator=g, device="cuda").topk(k, dim=1).indices.to(torch.int32)
+    w = torch.rand(t, k, generator=g, device="cuda") + 0.1
+    return ids, w / w.sum(1, keepdim=True)
+
+
+def grouped_mm_forward(x, w, ids, w13t, w2t):
+    """The vendor baseline: sort pairs by expert, two torch._grouped_mm BF16, our SwiGLU kernel, top-k sum."""
+    t, k = ids.shape
+    e = w13t.shape[0]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat)
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat.long(), torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    y1 = torch._grouped_mm(x[order // k], w13t, offs=offs)
+    y2 = torch._grouped_mm(swiglu_oai(y1), w2t, offs=offs) * w.reshape(-1)[order, None].to(torch.bfloat16)
+    out = torch.empty_like(y2)
+    out[order] = y2
+    return out.view(t, k, -1).sum(1, dtype=torch.float32).to(torch.bfloat16)
+
+
+def table(shapes, tokens, copy_gbs, fp8_tflops):
+    rows = []
+    for name in shapes:
+        e, h, i, k = SHAPES[name]
+        fp8, bf = make_weights(e, h, i)
+        w13t, w2t = bf["w13_bf16"].transpose(1, 2), bf["w2_bf16"].transpose(1, 2)
+        per_expert = 3 * h * i  # weights of one expert, both GEMMs
+        for t in tokens:
+            x = torch.randn(t, h, device="cuda").bfloat16()
+            ids, w = routing(t, k, e, t)
+            touched = int(torch.unique(ids).numel())
+            flops = 2 * t * k * per_expert
+            bytes_ = {"fp8": touched * per_expert * (1 + 1 / 32), "bf16": touched * per_expert * 2}
+            floor = max(bytes_["fp8"] / (copy_gbs * 1e3), flops / (fp8_tflops * 1e6))
+            paths = {
+                "ours_w8a8": (lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a8"), "fp8"),
+                "ours_w8a16": (lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16"), "fp8"),
+                "ours_bf16": (lambda: moe_experts_bf16(x, w, ids, **bf), "bf16"),
+                "grouped_mm_bf16": (lambda: grouped_mm_forward(x, w, ids, w13t, w2t), "bf16"),
+            }
+            res = {}
+            for p, (fn, kind) in paths.items():
+                try:
+                    us = bench(fn)
+                except Exception as exc:  # a path that fails is reported, not hidden
+                    print(f"{name} T={t} {p}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                gbs = bytes_[kind] / (us * 1e3)
+                res[p] = dict(us=us, gbs=gbs, tflops=flops / (us * 1e6), bw_frac=gbs / copy_gbs,
+                              fp8_frac=flops / (us * 1e6) / fp8_tflops)
+            base = res.get("grouped_mm_bf16", {}).get("us")
+            for p in res:
+                res[p]["speedup"] = base / res[p]["us"] if base else None
+            rows.append(dict(shape=name, tokens=t, experts_touched=touched, floor_us=floor, paths=res))
+            line = " ".join(f"{p}={r['us']:.1f}us({r['speedup']:.2f}x)" for p, r in res.items() if r["speedup"])
+            print(f"{name} T={t} floor={floor:.1f}us {line}", flush=True)
+        del fp8, bf, w13t, w2t
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows, copy_gbs, fp8_tflops):
+    print(f"\ndevice: {torch.cuda.get_device_name()}  copy {copy_gbs:.0f} GB/s  _scaled_mm FP8 8192^3 "
+          f"{fp8_tflops:.0f} TFLOP/s  native mode: {cfg.native_mode()}")
+    print("| shape | T | path | us | x grouped_mm | GB/s weights | % copy BW | TFLOP/s | % FP8 peak | floor us |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for p, v in r["paths"].items():
+            print(f"| {r['shape']} | {r['tokens']} | {p} | {v['us']:.1f} | {v['speedup']:.2f} | {v['gbs']:.0f} | "
+                  f"{100 * v['bw_frac']:.0f} | {v['tflops']:.1f} | {100 * v['fp8_frac']:.1f} | {r['floor_us']:.1f} |")
+
+
+SWAP = [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4)]
+PLAIN = [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
+BM_TOKENS = {16: [1, 8, 32, 128, 512, 1024], 32: [128, 512, 1024, 4096], 64: [512, 1024, 4096, 8192],
+             128: [1024, 4096, 8192]}
+
+
+def sweep(tokens, modes):
+    """Per mode, T and block_m: the fastest tile of each GEMM alone (TP8 shapes)."""
+    e, h, i, k = SHAPES["tp8"]
+    fp8, bf = make_weights(e, h, i)
+    out = []
+    for mode in modes:
+        for bm, ts in BM_TOKENS.items():
+            tiles = [cfg.GemmTile(*c, swap_ab=True) for c in SWAP] if bm <= 32 else []
+            tiles += [cfg.GemmTile(*c) for c in (PLAIN[:2] if bm <= 32 else PLAIN)]
+            for t in [t for t in ts if t in tokens]:
+                x = torch.randn(t, h, device="cuda").bfloat16()
+                ids, w = routing(t, k, e, t)
+                al = align_routing(ids, num_experts=e, block_m=bm)
+                p = t * k
+                a2 = torch.randn(p, i, device="cuda").bfloat16()
+                if mode == "w8a8":
+                    a1, s1 = quantize_mxfp8(x)
+                    a2, s2 = quantize_mxfp8(a2)
+                else:
+                    a1, s1, s2 = x, None, None
+                b1, b2 = (bf["w13_bf16"], bf["w2_bf16"]) if mode == "bf16" else (fp8["w13"], fp8["w2"])
+                bs1, bs2 = (None, None) if mode == "bf16" else (fp8["w13_scale"], fp8["w2_scale"])
+                for gemm, a, s, b, bs, div in (("gemm1", a1, s1, b1, bs1, k), ("gemm2", a2, s2, b2, bs2, 1)):
+                    best = None
+                    for tile in tiles:
+                        fn = lambda: moe_gemm(a, b, align=al, num_pairs=p, a_div=div, tile=tile, mode=mode,
+                                              a_scale=s, b_scale=bs, topk_weights=w.reshape(-1) if div == 1 else None)
+                        try:
+                            us = bench(fn)
+                        except Exception as exc:
+                            print(f"{mode} {gemm} bm{bm} {tile}: {type(exc).__name__} {str(exc)[:120]}", flush=True)
+                            continue
+                        out.append(dict(mode=mode, gemm=gemm, tokens=t, block_m=bm, tile=tile.__dict__, us=us))
+                        if best is None or us < best[0]:
+                            best = (us, tile)
+                    print(f"{mode} {gemm} T={t} bm={bm}: best {best[0]:.1f}us {best[1]}", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--shapes", default="tp8,tp1")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--modes", default="w8a16,w8a8,bf16")
+    args = ap.parse_args()
+    tokens = [int(v) for v in args.tokens.split(",")]
+    t0 = time.time()
+    copy_gbs, fp8_tflops = limits()
+    print(f"copy {copy_gbs:.0f} GB/s, _scaled_mm FP8 {fp8_tflops:.0f} TFLOP/s", flush=True)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  copy_gbs=copy_gbs, scaled_mm_fp8_tflops=fp8_tflops, native_mode=cfg.native_mode())
+    if args.sweep:
+        result["sweep"] = sweep(tokens, args.modes.split(","))
+    else:
+        result["rows"] = table(args.shapes.split(","), tokens, copy_gbs, fp8_tflops)
+        print_table(result["rows"], copy_gbs, fp8_tflops)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
