@@ -1,21 +1,27 @@
 """mxconvert.hub.push: the real huggingface_hub client against the loopback Hub (tests/hub_server.py),
 on a real tiny conversion. No network: everything goes to 127.0.0.1."""
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from huggingface_hub import constants
 
 import mxconvert.hub as hub_module
 from hub_server import HubServer
 from make_tiny_checkpoint import make_tiny_checkpoint
+from mxconvert.cli import main
 from mxconvert.convert import convert
 from mxconvert.errors import MxconvertError
 from mxconvert.hub import check_file_sizes, push
 
 REPO = "alice/tiny-mi300x"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +244,28 @@ def test_errors_are_one_line_with_what_to_do(converted, hub, monkeypatch, case, 
     assert expected in message and "\n" not in message
     assert message.endswith(".") and len(message) < 300
     assert hub.count("PUT") == 0 and hub.count("POST", "/commit/") == 0
+
+
+def test_cli_push_through_click(converted, hub):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["push", str(converted), REPO, "--revision", "v1", "--commit-message", "mine"])
+    assert ok.exit_code == 0, ok.output
+    assert f"Uploading {len(_local(converted))} files" in ok.output
+    assert hub.repos[REPO]["commits"][hub.repos[REPO]["branches"]["v1"]]["message"] == "mine (manifest)"
+    refused = runner.invoke(main, ["push", str(converted), "bob/new"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert refused.output.strip().splitlines()[-1].startswith("Error: bob/new: this token may not write there (403)")
+
+
+def test_cli_push_in_a_fresh_process_reads_hf_endpoint(converted, hub, tmp_path):
+    """A real subprocess: huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET at import, as for a user."""
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_alice",
+           "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    run = subprocess.run([sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO, "--private"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert hub.repos[REPO]["private"]
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(converted)
+    again = subprocess.run([sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "Nothing to upload" in again.stdout
