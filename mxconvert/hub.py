@@ -61,7 +61,8 @@ def check_file_sizes(*, out_dir: Path, sizes: dict[str, int], limit: int) -> Non
 
 def _push(api: HfApi, out_dir: Path, repo_id: str, files: dict, private: bool, branch: str | None,
           create_pr: bool, message: str) -> str:
-    repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+    created = api.create_repo(repo_id, private=private, exist_ok=True)
+    repo_url, repo_id = str(created), created.repo_id  # a bare name lands in the token owner's namespace
     if private and api.repo_info(repo_id).private is False:
         raise MxconvertError(repo_id, "exists and is public, but --private was asked",
                              "Make it private in its settings on the Hub, or push without --private")

@@ -133,6 +133,12 @@ def test_revision_branch_created_and_resumed(converted, hub, capsys):
     assert "Nothing to upload" in capsys.readouterr().out
 
 
+def test_a_bare_name_goes_to_the_token_owner(converted, hub):
+    url = push(out_dir=converted, repo_id="solo")
+    assert url.startswith(f"{hub.endpoint}/alice/solo/commit/")
+    assert {k: v for k, v in hub.files("alice/solo").items() if k != ".gitattributes"} == _local(converted)
+
+
 def test_create_pr_puts_everything_in_one_pull_request(converted, hub):
     url = push(out_dir=converted, repo_id=REPO, create_pr=True)
     assert url == f"{hub.endpoint}/{REPO}/discussions/1"
