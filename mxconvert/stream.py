@@ -7,6 +7,7 @@ in flight, so memory stays at a few experts' worth whatever the model's size.
 Shape legend: N out, K in, G = K // 32; w13 is [2I, H] per expert, w2 [H, I].
 """
 
+import threading
 from collections import deque
 from concurrent.futures import Executor, wait
 
@@ -21,6 +22,20 @@ from .writer import ShardSet
 
 STACKS = (("w13", ("gate", "up")), ("w2", ("down",)))  # w13 rows: gate then up
 BF16_ROWS = 256  # rows per BF16 conversion step: keeps the temporaries in cache
+_scratch = threading.local()
+
+
+def _buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer reused across experts: fresh 100 MB allocations cost more in page faults
+    than the conversion itself."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = getattr(_scratch, role, None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, role, buf)
+    return buf[:numel].view(shape)
 
 
 def copy_tensor(source: SourceCheckpoint, info: TensorInfo, sink: ShardSet) -> None:
@@ -32,7 +47,7 @@ def copy_tensor(source: SourceCheckpoint, info: TensorInfo, sink: ShardSet) -> N
 def _read_checked(source: SourceCheckpoint, infos: list[TensorInfo], *, scale: bool) -> torch.Tensor:
     """The tensors stacked along rows into one buffer, refusing bytes FNUZ cannot represent."""
     rows = sum(info.shape[0] for info in infos)
-    out = torch.empty(rows, infos[0].shape[1], dtype=torch.uint8)  # [N, K] or [N, G]
+    out = _buffer("scales" if scale else "values", (rows, infos[0].shape[1]), torch.uint8)  # [N, K] or [N, G]
     row = 0
     for info in infos:
         part = source.read_tensor(info, out=out[row : row + info.shape[0]])
@@ -50,7 +65,7 @@ def _bf16(values: torch.Tensor, scales: torch.Tensor, device: str) -> torch.Tens
     """Exact BF16 copies [N, K], on the CPU in row blocks, or on a GPU in one go."""
     if device != "cpu":
         return layout.dequantize_bf16(values.to(device), scales.to(device)).cpu()
-    out = torch.empty(values.shape, dtype=torch.bfloat16)
+    out = _buffer("bf16", tuple(values.shape), torch.bfloat16)
     for r in range(0, values.shape[0], BF16_ROWS):
         layout.dequantize_bf16(values[r : r + BF16_ROWS], scales[r : r + BF16_ROWS], out=out[r : r + BF16_ROWS])
     return out

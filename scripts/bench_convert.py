@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=1, help="full-size MoE layers (after 3 tiny dense ones)")
     ap.add_argument("--bf16", choices=["materialize", "derive"], default="materialize")
     ap.add_argument("--max-shard-size", default="5GB")
+    ap.add_argument("--fp8-values", choices=["mxfp8", "uniform"], default="mxfp8",
+                    help="expert bytes as real MXFP8 weights have them, or every code alike")
     ap.add_argument("--via", choices=["api", "cli"], default="api",
                     help="child runs mxconvert.convert.convert (with /proc I/O counters) or the CLI")
     ap.add_argument("--workdir", help="where the synthetic checkpoint and output go (default: a temp dir)")
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
                              num_hidden_layers=3 + args.layers, num_dense_layers=3, mtp=False,
                              num_shards=max(2, math.ceil(in_est / 5e9)), dense_intermediate_size=64,
                              shared_intermediate_size=64, num_attention_heads=1, num_key_value_heads=1,
-                             head_dim=128, vocab_size=256)
+                             head_dim=128, vocab_size=256, fp8_values=args.fp8_values)
         fsync_files(files_of(src))
         gen_s = time.perf_counter() - t0
         in_files = files_of(src, "*.safetensors")
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
         r["read_GBps"] = r["read_bytes"] / r["wall_s"] / 1e9
         r["write_GBps"] = r["written_bytes"] / r["wall_s"] / 1e9
     result = {
-        "layers": args.layers, "bf16": args.bf16, "via": args.via, "fsync": args.fsync,
+        "layers": args.layers, "bf16": args.bf16, "fp8_values": args.fp8_values, "via": args.via, "fsync": args.fsync,
         "shape": {"hidden": H, "intermediate": I, "experts": E}, "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(), "generate_s": gen_s, **rows,
         "ratio_write_throughput_vs_copy": conv["write_GBps"] / copy_out["write_GBps"],

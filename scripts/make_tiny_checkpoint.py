@@ -56,10 +56,22 @@ def planted_bytes(*, hidden_size=160, intermediate_size=96, num_experts=8, num_d
     return out
 
 
-def _values(seed, name, dtype, shape):
+def _mxfp8_pool(seed, n=1 << 24):
+    """FP8 bytes of Gaussian weights quantized MXFP8-style (block max near 448), as real checkpoints
+    hold: few zeros and subnormals, unlike uniform bytes (1 in 16 has a zero exponent there)."""
+    import torch  # only for its float8 rounding
+
+    x = torch.from_numpy(np.random.default_rng([seed, 2]).standard_normal((n // 32, 32), dtype=np.float32))
+    exponent = torch.ceil(torch.log2(x.abs().amax(dim=1, keepdim=True) / 448))
+    return (x / torch.exp2(exponent)).to(torch.float8_e4m3fn).view(torch.uint8).reshape(-1).numpy()
+
+
+def _values(seed, name, dtype, shape, pool=None):
     """A tensor's bytes from its own generator, so layouts and write order do not change them."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     n = int(np.prod(shape))
+    if dtype == "F8_E4M3" and pool is not None:  # realistic codes: the pool, rotated per tensor
+        return np.resize(np.roll(pool, -int(rng.integers(len(pool)))), n)
     if dtype == "F8_E4M3":
         words = rng.integers(0, 2**64 - 1, (n + 7) // 8, dtype=np.uint64, endpoint=True)
         b = words.view(np.uint8)[:n]
@@ -74,7 +86,7 @@ def _values(seed, name, dtype, shape):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).view(np.uint8)  # BF16, nearest-even
 
 
-def _write_safetensors(path, seed, specs, patches):
+def _write_safetensors(path, seed, specs, patches, pool=None):
     """Header planned from shapes, then each tensor's bytes in `specs` order (one tensor in memory)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in specs:
@@ -86,7 +98,7 @@ def _write_safetensors(path, seed, specs, patches):
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for name, dtype, shape in specs:
-            data = _values(seed, name, dtype, shape)
+            data = _values(seed, name, dtype, shape, pool)
             for row, col, byte in patches.get(name, ()):
                 data.reshape(shape)[row, col] = byte
             f.write(data.tobytes())
@@ -135,12 +147,17 @@ def make_tiny_checkpoint(out_dir, *, seed=0, hidden_size=160, intermediate_size=
                          num_hidden_layers=7, num_dense_layers=3, num_shards=4, naming="minimax",
                          scale_suffix=None, mtp=True, dense_intermediate_size=192, shared_intermediate_size=64,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=256,
-                         poison=()) -> Path:
+                         poison=(), fp8_values="uniform") -> Path:
     """Write the checkpoint into out_dir (created; should be empty) and return its path.
 
     scale_suffix: None -> "weight_scale" for naming="compressed", else "weight_scale_inv".
     poison: ((tensor name, byte), ...) sets each named tensor's last byte (e.g. 0x7F, or scale 255).
+    fp8_values: "uniform" (every valid code alike: covers them all) or "mxfp8" (quantized Gaussian
+    weights, as real checkpoints: for benchmarks).
     """
+    if fp8_values not in ("uniform", "mxfp8"):
+        raise ValueError(f"fp8_values must be 'uniform' or 'mxfp8', not {fp8_values!r}")
+    pool = _mxfp8_pool(seed) if fp8_values == "mxfp8" else None
     if naming not in EXPERT_NAMES:
         raise ValueError(f"naming must be one of {sorted(EXPERT_NAMES)}, not {naming!r}")
     h, i, d, s, q, kv = (hidden_size, intermediate_size, dense_intermediate_size, shared_intermediate_size,
@@ -212,7 +229,7 @@ def make_tiny_checkpoint(out_dir, *, seed=0, hidden_size=160, intermediate_size=
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if num_shards == 1 else f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
         order = [shard[j] for j in rng.permutation(len(shard))]  # a shuffled file order
-        _write_safetensors(out / fname, seed, order, patches)
+        _write_safetensors(out / fname, seed, order, patches, pool)
         weight_map.update({n: fname for n, _, _ in shard})
     if num_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -240,6 +257,7 @@ def main(argv=None):
     ap.add_argument("--num-shards", type=int, default=4)
     ap.add_argument("--naming", choices=sorted(EXPERT_NAMES), default="minimax")
     ap.add_argument("--no-mtp", dest="mtp", action="store_false")
+    ap.add_argument("--fp8-values", choices=["uniform", "mxfp8"], default="uniform")
     args = vars(ap.parse_args(argv))
     print(make_tiny_checkpoint(args.pop("out_dir"), **args))
 

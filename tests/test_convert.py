@@ -280,3 +280,12 @@ def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(MxconvertError, match="cannot be fetched from the Hub offline"):
         convert(model_dir="nobody/not-a-model", out_dir=str(tmp_path / "out"), progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_copies_on_the_gpu_are_bit_identical(source, converted, tmp_path):
+    out = tmp_path / "out"
+    convert(model_dir=str(source), out_dir=str(out), max_shard_size="1MB", device="cuda", progress=False)
+    for cpu_shard in sorted(converted["default"].glob("*.safetensors")):
+        assert (out / cpu_shard.name).read_bytes() == cpu_shard.read_bytes()
