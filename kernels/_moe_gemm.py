@@ -20,6 +20,15 @@ def _e8m0(byte, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _dequant(b, scale, UPCAST: tl.constexpr):
+    # FP8 b times a power-of-two fp32 scale, as BF16: exact (FP8 has 4 significant bits).
+    if UPCAST:  # the interpreter's BF16 arithmetic is not IEEE; fp32 is
+        return (b.to(tl.float32) * scale).to(tl.bfloat16)
+    else:  # native FP8 -> BF16 conversion and a BF16 multiply: fewer instructions than via fp32
+        return b.to(tl.bfloat16) * scale.to(tl.bfloat16)
+
+
+@triton.jit
 def _dot(x, y, acc, UPCAST: tl.constexpr):
     # UPCAST: the Triton interpreter multiplies BF16 dots as integers; fp32 is exact there.
     if UPCAST:
@@ -100,8 +109,8 @@ def _fused_moe_kernel(
                 if MODE == 1:
                     sb = _e8m0(tl.load(bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
                                        mask=n_ok[:, None] & (gg[None, :] < K // 32), other=127), SCALE_SHIFT)
-                    b3 = tl.reshape(b.to(tl.float32), (BLOCK_N, G, 32)) * sb[:, :, None]
-                    b = tl.reshape(b3, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
+                    b = tl.reshape(_dequant(tl.reshape(b, (BLOCK_N, G, 32)), sb[:, :, None], UPCAST),
+                                   (BLOCK_N, BLOCK_K))
                 acc = _dot(b, a, acc, UPCAST)
             else:
                 a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :],
@@ -111,8 +120,8 @@ def _fused_moe_kernel(
                 if MODE == 1:
                     sb = _e8m0(tl.load(bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
                                        mask=n_ok[None, :] & (gg[:, None] < K // 32), other=127), SCALE_SHIFT)
-                    b3 = tl.reshape(b.to(tl.float32), (G, 32, BLOCK_N)) * sb[:, None, :]
-                    b = tl.reshape(b3, (BLOCK_K, BLOCK_N)).to(tl.bfloat16)
+                    b = tl.reshape(_dequant(tl.reshape(b, (G, 32, BLOCK_N)), sb[:, None, :], UPCAST),
+                                   (BLOCK_K, BLOCK_N))
                 acc = _dot(a, b, acc, UPCAST)
 
     if SWAP_AB:
