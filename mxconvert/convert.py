@@ -96,8 +96,8 @@ def convert(
 def _write_shards(source: SourceCheckpoint, plan: Plan, out: Path, *, device: str, progress: bool) -> dict[str, str]:
     """Stream every planned tensor into its shard; returns each shard's sha256.
 
-    Experts convert on WORKERS threads; a finished shard is flushed, renamed and hashed on one more,
-    so the workers never wait on the disk.
+    Experts convert on WORKERS threads; a full shard is flushed and renamed on one more, so the
+    workers never wait on the disk. Shards are hashed as they are written (ShardWriter).
     """
     hashes, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over experts instead: no oversubscription of small ops
@@ -105,8 +105,8 @@ def _write_shards(source: SourceCheckpoint, plan: Plan, out: Path, *, device: st
         total=plan.output_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress
     ) as bar:
         finishing = []
-        finish = lambda writer: finishing.append(finisher.submit(lambda: (writer.finish().name, sha256_file(writer.path))))  # noqa: E731
-        sink = ShardSet(out, plan, on_full=finish, on_bytes=bar.update)
+        sink = ShardSet(out, plan, on_full=lambda writer: finishing.append(finisher.submit(writer.finish)),
+                        on_bytes=bar.update)
         try:
             done_groups = set()
             for t in plan.tensors:

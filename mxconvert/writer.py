@@ -4,6 +4,7 @@ Every file is written under a temporary name and renamed once complete and flush
 leaves a file that looks finished. Memory holds only the chunk being written.
 """
 
+import hashlib
 import json
 import os
 import threading
@@ -16,6 +17,7 @@ from .errors import MxconvertError
 from .plan import OutputTensor, Plan
 
 PARTIAL = ".partial"  # suffix of files still being written
+HASH_CHUNK = 16 * 2**20
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -63,29 +65,54 @@ def safetensors_header(tensors: list[OutputTensor]) -> tuple[bytes, dict[str, in
 
 
 class ShardWriter:
-    """One output shard; finish() checks every byte was written, flushes and renames it into place."""
+    """One output shard, written from several threads at planned offsets and hashed as it grows.
+
+    The sha256 takes each write straight from memory when it extends the hashed prefix (the common
+    case: tensors fill in order); a range written ahead of it is read back once the prefix reaches it.
+    """
 
     def __init__(self, path: Path, tensors: list[OutputTensor]):
         header, offsets = safetensors_header(tensors)
         self.path, self.tmp = path, path.with_name(path.name + PARTIAL)
         self.offsets = {name: len(header) + off for name, off in offsets.items()}
-        self.remaining = sum(t.nbytes for t in tensors)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.size = len(header) + sum(t.nbytes for t in tensors)
+        self.remaining = self.size - len(header)
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _pwrite_all(self.fd, memoryview(header), 0, self.tmp)
+        self._digest, self._hashed, self._ahead = hashlib.sha256(header), len(header), {}
+        self._lock = threading.Lock()
 
     def write(self, name: str, offset: int, data: torch.Tensor) -> int:
         """Write a contiguous CPU tensor's bytes at `offset` within tensor `name`; returns the byte count."""
         raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
-        _pwrite_all(self.fd, raw, self.offsets[name] + offset, self.tmp)
+        if not len(raw):
+            return 0
+        start = self.offsets[name] + offset
+        _pwrite_all(self.fd, raw, start, self.tmp)
+        with self._lock:
+            if start == self._hashed:
+                self._digest.update(raw)
+                self._hashed += len(raw)
+            else:
+                self._ahead[start] = start + len(raw)
+            while self._hashed in self._ahead:
+                self._hash_back(self._ahead.pop(self._hashed))
         return len(raw)
 
-    def finish(self) -> Path:
-        assert self.remaining == 0, f"{self.path.name}: {self.remaining} bytes were never written"
+    def _hash_back(self, end: int) -> None:
+        while self._hashed < end:
+            chunk = os.pread(self.fd, min(HASH_CHUNK, end - self._hashed), self._hashed)
+            self._digest.update(chunk)
+            self._hashed += len(chunk)
+
+    def finish(self) -> tuple[str, str]:
+        """Flush, rename into place; returns (file name, sha256)."""
+        assert self.remaining == 0 and self._hashed == self.size, f"{self.path.name}: bytes were never written"
         os.fsync(self.fd)
         os.close(self.fd)
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
-        return self.path
+        return self.path.name, self._digest.hexdigest()
 
     def abort(self) -> None:
         os.close(self.fd)
