@@ -69,6 +69,7 @@ class ShardWriter:
 
     The sha256 takes each write straight from memory when it extends the hashed prefix (the common
     case: tensors fill in order); a range written ahead of it is read back once the prefix reaches it.
+    finish() runs after the last write returned, so every range is recorded by then.
     """
 
     def __init__(self, path: Path, tensors: list[OutputTensor]):
@@ -80,7 +81,8 @@ class ShardWriter:
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _pwrite_all(self.fd, memoryview(header), 0, self.tmp)
         self._digest, self._hashed, self._ahead = hashlib.sha256(header), len(header), {}
-        self._lock = threading.Lock()
+        self._lock, self._hashing = threading.Lock(), False
+        self._idle = threading.Condition(self._lock)
 
     def write(self, name: str, offset: int, data: torch.Tensor) -> int:
         """Write a contiguous CPU tensor's bytes at `offset` within tensor `name`; returns the byte count."""
@@ -89,24 +91,39 @@ class ShardWriter:
             return 0
         start = self.offsets[name] + offset
         _pwrite_all(self.fd, raw, start, self.tmp)
-        with self._lock:
-            if start == self._hashed:
-                self._digest.update(raw)
-                self._hashed += len(raw)
-            else:
-                self._ahead[start] = start + len(raw)
-            while self._hashed in self._ahead:
-                self._hash_back(self._ahead.pop(self._hashed))
+        self._hash(start, raw)
         return len(raw)
 
-    def _hash_back(self, end: int) -> None:
-        while self._hashed < end:
-            chunk = os.pread(self.fd, min(HASH_CHUNK, end - self._hashed), self._hashed)
-            self._digest.update(chunk)
-            self._hashed += len(chunk)
+    def _hash(self, start: int | None = None, raw: memoryview | None = None) -> None:
+        """Extend the digest over every range now contiguous with the hashed prefix. One thread at a
+        time hashes; the others only record their range, read back later, so none waits on another."""
+        with self._lock:
+            if raw is not None:
+                self._ahead[start] = (start + len(raw), raw)
+            if self._hashing:
+                return
+            self._hashing = True
+        while True:
+            with self._lock:
+                end, data = self._ahead.pop(self._hashed, (None, None))
+                if end is None:
+                    self._hashing = False
+                    self._idle.notify_all()
+                    return
+            if data is raw:
+                self._digest.update(raw)
+                self._hashed = end
+            else:  # another thread's buffer, maybe reused by now: read the file
+                while self._hashed < end:
+                    chunk = os.pread(self.fd, min(HASH_CHUNK, end - self._hashed), self._hashed)
+                    self._digest.update(chunk)
+                    self._hashed += len(chunk)
 
     def finish(self) -> tuple[str, str]:
-        """Flush, rename into place; returns (file name, sha256)."""
+        """Hash what is left, flush, rename into place; returns (file name, sha256)."""
+        with self._lock:
+            self._idle.wait_for(lambda: not self._hashing)
+        self._hash()
         assert self.remaining == 0 and self._hashed == self.size, f"{self.path.name}: bytes were never written"
         os.fsync(self.fd)
         os.close(self.fd)
