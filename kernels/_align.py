@@ -1,6 +1,6 @@
 """Triton bodies: routing alignment (sort (token, slot) pairs by expert, pad each run to BLOCK_M).
 
-Two launches over a zeroed int32 scratch [2, E_PAD] (counts, cursors); no host synchronization.
+Two launches over a zeroed int32 scratch [2 * E_PAD + 1] (counts, cursors, slots used); no host sync.
 """
 
 import triton

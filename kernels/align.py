@@ -36,16 +36,16 @@ def max_slots(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def align_routing(topk_ids: torch.Tensor, *, num_experts: int, block_m: int) -> Alignment:
-    """topk_ids [T, k] (ids in [0, E)) -> Alignment; two launches, no host synchronization."""
+    """topk_ids [T, k] (ids in [0, E)) -> Alignment; a memset and two launches, no host synchronization."""
     ids = topk_ids.reshape(-1).to(torch.int32)
     p = ids.numel()
     slots = max_slots(p, num_experts, block_m)
     e_pad = triton.next_power_of_2(num_experts + 1)
     dev = topk_ids.device
-    scratch = torch.zeros(2, e_pad, dtype=torch.int32, device=dev)
+    scratch = torch.zeros(2 * e_pad + 1, dtype=torch.int32, device=dev)  # counts, cursors, slots used
+    num_post_pad = scratch[2 * e_pad:]
     sorted_ids = torch.empty(slots, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(slots // block_m, dtype=torch.int32, device=dev)
-    num_post_pad = torch.zeros(1, dtype=torch.int32, device=dev)
     if p:
         grid = (triton.cdiv(p, CHUNK),)
         _count_kernel[grid](ids, scratch, sorted_ids, p, slots, E_PAD=e_pad, CHUNK=CHUNK, E=num_experts)

@@ -81,18 +81,20 @@ def routing(t, k, e, seed):
 
 
 def grouped_mm_forward(x, w, ids, w13t, w2t):
-    """The vendor baseline: sort pairs by expert, two torch._grouped_mm BF16, our SwiGLU kernel, top-k sum."""
+    """The vendor baseline: pairs sorted by expert, two torch._grouped_mm BF16, our SwiGLU kernel with the
+    top-k weights folded into GEMM2's input ([P, I], not [P, H]), unsorted by a gather, top-k sum."""
     t, k = ids.shape
     e = w13t.shape[0]
     flat = ids.reshape(-1)
     order = torch.argsort(flat)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=x.device)
     counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat.long(), torch.ones_like(flat))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     y1 = torch._grouped_mm(x[order // k], w13t, offs=offs)
-    y2 = torch._grouped_mm(swiglu_oai(y1), w2t, offs=offs) * w.reshape(-1)[order, None].to(torch.bfloat16)
-    out = torch.empty_like(y2)
-    out[order] = y2
-    return out.view(t, k, -1).sum(1, dtype=torch.float32).to(torch.bfloat16)
+    a = swiglu_oai(y1) * w.reshape(-1)[order, None].to(torch.bfloat16)
+    y2 = torch._grouped_mm(a, w2t, offs=offs)
+    return y2[inverse].view(t, k, -1).sum(1)
 
 
 def table(shapes, tokens, copy_gbs, fp8_tflops):
