@@ -120,6 +120,11 @@ def table(shapes, tokens, copy_gbs, fp8_tflops):
                 "grouped_mm_bf16": (lambda: grouped_mm_forward(x, w, ids, w13t, w2t), "bf16"),
                 "grouped_mm_bf16_kn": (lambda: grouped_mm_forward(x, w, ids, w13c, w2c), "bf16"),
             }
+            # context only: the baseline's two GEMMs alone, on pre-sorted inputs
+            order = torch.argsort(ids.reshape(-1))
+            offs = torch.cumsum(torch.bincount(ids.reshape(-1), minlength=e), 0, dtype=torch.int32)
+            xs, a_s = x[order // k], torch.randn(t * k, i, device="cuda").bfloat16()
+            gemms_us = bench(lambda: (torch._grouped_mm(xs, w13t, offs=offs), torch._grouped_mm(a_s, w2t, offs=offs)))
             res = {}
             for p, (fn, kind) in paths.items():
                 try:
@@ -136,8 +141,9 @@ def table(shapes, tokens, copy_gbs, fp8_tflops):
             base = res.get("grouped_mm_bf16", {}).get("us")
             for p in res:
                 res[p]["speedup"] = base / res[p]["us"] if base else None
-            rows.append(dict(shape=name, tokens=t, experts_touched=touched, floor_us=floor, paths=res))
-            line = " ".join(f"{p}={r['us']:.1f}us({r['speedup']:.2f}x)" for p, r in res.items() if r["speedup"])
+            rows.append(dict(shape=name, tokens=t, experts_touched=touched, floor_us=floor, paths=res,
+                             grouped_mm_gemms_only_us=gemms_us))
+            line = f"gmm-gemms-only={gemms_us:.1f}us " + " ".join(f"{p}={r['us']:.1f}us({r['speedup']:.2f}x)" for p, r in res.items() if r["speedup"])
             print(f"{name} T={t} floor={floor:.1f}us {line}", flush=True)
         del fp8, bf, w13t, w2t, w13c, w2c
         torch.cuda.empty_cache()
