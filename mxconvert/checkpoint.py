@@ -152,6 +152,8 @@ class SourceCheckpoint:
             if n == 0:
                 raise MxconvertError(info.file, f"ends inside tensor {info.name}", "Re-download this shard")
             done += n
+        if hasattr(os, "posix_fadvise"):  # read once: let the page cache drop it, not what we write
+            os.posix_fadvise(fd, info.offset + start, length, os.POSIX_FADV_DONTNEED)
         return out
 
     def read_tensor(self, info: TensorInfo, *, out: torch.Tensor | None = None) -> torch.Tensor:

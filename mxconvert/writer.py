@@ -18,6 +18,7 @@ from .plan import OutputTensor, Plan
 
 PARTIAL = ".partial"  # suffix of files still being written
 HASH_CHUNK = 16 * 2**20
+RELEASE_STEP = 256 * 2**20
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -81,7 +82,7 @@ class ShardWriter:
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _pwrite_all(self.fd, memoryview(header), 0, self.tmp)
         self._digest, self._hashed, self._ahead = hashlib.sha256(header), len(header), {}
-        self._lock, self._hashing = threading.Lock(), False
+        self._lock, self._hashing, self._released = threading.Lock(), False, 0
         self._idle = threading.Condition(self._lock)
 
     def write(self, name: str, offset: int, data: torch.Tensor) -> int:
@@ -118,6 +119,10 @@ class ShardWriter:
                     chunk = os.pread(self.fd, min(HASH_CHUNK, end - self._hashed), self._hashed)
                     self._digest.update(chunk)
                     self._hashed += len(chunk)
+            if self._hashed - self._released >= RELEASE_STEP and hasattr(os, "posix_fadvise"):
+                # hashed bytes are needed no more: start their writeback now and let the cache drop them
+                os.posix_fadvise(self.fd, self._released, self._hashed - self._released, os.POSIX_FADV_DONTNEED)
+                self._released = self._hashed
 
     def finish(self) -> tuple[str, str]:
         """Hash what is left, flush, rename into place; returns (file name, sha256)."""
