@@ -168,15 +168,17 @@ BM_TOKENS = {16: [1, 8, 32, 128, 512, 1024], 32: [128, 512, 1024, 4096], 64: [51
              128: [1024, 4096, 8192]}
 
 
-def sweep(tokens, modes):
-    """Per mode, T and block_m: the fastest tile of each GEMM alone (TP8 shapes)."""
+def sweep(tokens, modes, swap_only=False):
+    """Per mode, T and block_m: the fastest tile of each GEMM alone (TP8 shapes).
+
+    swap_only: swap-AB tiles at every block_m (the default tries them at block_m <= 32 only)."""
     e, h, i, k = SHAPES["tp8"]
     fp8, bf = make_weights(e, h, i)
     out = []
     for mode in modes:
         for bm, ts in BM_TOKENS.items():
-            tiles = [cfg.GemmTile(*c, swap_ab=True) for c in SWAP] if bm <= 32 else []
-            tiles += [cfg.GemmTile(*c) for c in (PLAIN[:2] if bm <= 32 else PLAIN)]
+            tiles = [cfg.GemmTile(*c, swap_ab=True) for c in SWAP] if bm <= 32 or swap_only else []
+            tiles += [] if swap_only else [cfg.GemmTile(*c) for c in (PLAIN[:2] if bm <= 32 else PLAIN)]
             for t in [t for t in ts if t in tokens]:
                 x = torch.randn(t, h, device="cuda").bfloat16()
                 ids, w = routing(t, k, e, t)
@@ -228,6 +230,7 @@ def main():
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--modes", default="w8a16,w8a8,bf16")
+    ap.add_argument("--swap-only", action="store_true")
     args = ap.parse_args()
     tokens = [int(v) for v in args.tokens.split(",")]
     t0 = time.time()
@@ -236,7 +239,7 @@ def main():
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   copy_gbs=copy_gbs, scaled_mm_fp8_tflops=fp8_tflops, native_mode=cfg.native_mode())
     if args.sweep:
-        result["sweep"] = sweep(tokens, args.modes.split(","))
+        result["sweep"] = sweep(tokens, args.modes.split(","), args.swap_only)
     else:
         result["rows"] = table(args.shapes.split(","), tokens, copy_gbs, fp8_tflops)
         print_table(result["rows"], copy_gbs, fp8_tflops)
