@@ -6,7 +6,8 @@ Writes a synthetic checkpoint (H 6144, I 3072, 128 experts per MoE layer; attent
 tensors tiny) into a work dir, converts it in a child process, and measures wall time, bytes read and
 written, GB/s, the child's peak RSS (os.wait4 rusage) and its /proc I/O counters. In the same run it
 copies the input files, then the output files, with a userspace read/write loop (no reflink or
-sendfile): the ratio compares throughput in bytes written. Timings include fsync of what was written
+sendfile): the ratio compares throughput in bytes written. Every timed step starts with its input
+evicted from the page cache. Timings include fsync of what was written
 (--no-fsync leaves it to the page cache). One full-size layer: 7.25 GB in, about 21.7 GB out with
 materialized BF16 copies; the work dir needs in + out + one output shard of free disk.
 """
@@ -48,11 +49,15 @@ def files_of(root: Path, pattern: str = "*") -> list[Path]:
     return sorted(p for p in root.rglob(pattern) if p.is_file())
 
 
-def fsync_files(paths) -> None:
+def fsync_files(paths, *, evict: bool = False) -> None:
+    """fsync each file; with evict, also drop it from the page cache, so the next reader starts cold
+    (as a 414 GB checkpoint does: it never fits in memory)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
+            if evict:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
@@ -134,11 +139,14 @@ def main(argv=None) -> dict:
         in_files = files_of(src, "*.safetensors")
         in_bytes = sum(p.stat().st_size for p in in_files)
 
+        fsync_files(in_files, evict=True)
         conv = run_conversion(src, out, bf16=args.bf16, max_shard_size=args.max_shard_size, via=args.via,
                               fsync=args.fsync)
         out_files = files_of(out)
         conv.update(read_bytes=in_bytes, written_bytes=sum(p.stat().st_size for p in out_files))
+        fsync_files(in_files, evict=True)
         copy_in = plain_copy(in_files, work, fsync=args.fsync)
+        fsync_files(out_files, evict=True)
         copy_out = plain_copy([p for p in out_files if p.suffix == ".safetensors"], work, fsync=args.fsync)
     finally:
         if not args.keep:
