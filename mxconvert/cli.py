@@ -27,14 +27,15 @@ class _DefaultToConvert(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _run(fn, **kwargs):
+def _run(fn, *, interrupted: str = "Interrupted: nothing finished was left behind. Run the same command again "
+                                    "to convert.", **kwargs):
     """MxconvertError and Ctrl-C become one line on stderr, never a traceback."""
     try:
         return fn(**kwargs)
     except MxconvertError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
-        click.echo("\nInterrupted: nothing finished was left behind. Run the same command again to convert.", err=True)
+        click.echo("\n" + interrupted, err=True)
         sys.exit(130)
 
 
@@ -86,7 +87,7 @@ def verify(out_dir, source, quick):
 @main.command(epilog=EXAMPLES)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--private", is_flag=True, help="Create the repo private; refused if it exists and is public.")
 @click.option("--revision", metavar="BRANCH", help="Push to this branch, created if missing.")
 @click.option("--token", help="Hub token (default: HF_TOKEN, else the saved login).")
 @click.option("--commit-message", help="Message of the upload commit.")
@@ -95,8 +96,8 @@ def push(**kwargs):
     """Upload a verified OUT_DIR to the Hugging Face Hub, resumably (files already there are skipped)."""
     from .hub import push as run_push
 
-    url = _run(run_push, **kwargs)
-    click.echo(f"Pushed to {url}")
+    _run(run_push, **kwargs, interrupted="Interrupted: run the same command again to resume the push; files "
+                                          "already on the Hub are skipped.")
 
 
 if __name__ == "__main__":

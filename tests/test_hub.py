@@ -275,3 +275,10 @@ def test_cli_push_in_a_fresh_process_reads_hf_endpoint(converted, hub, tmp_path)
     again = subprocess.run([sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "Nothing to upload" in again.stdout
+
+
+def test_convert_with_push_to_hub(hub, tmp_path):
+    src, out = make_tiny_checkpoint(tmp_path / "src", mtp=False), tmp_path / "out"
+    result = CliRunner().invoke(main, [str(src), str(out), "--bf16", "derive", "--push-to-hub", REPO, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(out)
