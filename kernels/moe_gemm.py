@@ -55,6 +55,7 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, *, align: Alignment, num_pairs: i
         c.stride(0),
         A_DIV=a_div, MODE=MODES[mode], SCALE_SHIFT=int(fp8_format == "fn"),
         MUL_WEIGHT=topk_weights is not None, SWAP_AB=tile.swap_ab, UPCAST=a.device.type == "cpu",
+        EVEN_K=k % tile.block_k == 0,
         BLOCK_M=bm, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
