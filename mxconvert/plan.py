@@ -12,6 +12,8 @@ from .errors import MxconvertError
 from .layout import BLOCK
 
 PROJECTIONS = ("gate", "up", "down")
+# The order stream.write_group fills a group's tensors in: scales, then w13, then w2.
+WRITE_ORDER = ("w13_weight_scale", "w2_weight_scale", "w13_weight", "w13_weight_bf16", "w2_weight", "w2_weight_bf16")
 VALUE_DTYPE = "F8_E4M3"
 SCALE_DTYPES = ("U8", "F8_E8M0")
 
@@ -68,9 +70,11 @@ class Plan:
         return sum(s.nbytes for s in self.shards)
 
     def peak_memory_estimate(self, *, in_flight: int) -> int:
-        """Experts in flight, each holding its w13 [2I, H] as FP8 bytes and BF16; a copy chunk; the runtime."""
+        """A group's scales (twice: as read and packed); experts in flight, each holding its w13 [2I, H]
+        as FP8 bytes and BF16; a copy chunk; the interpreter and torch."""
         per_expert = max((3 * 2 * g.inter * g.hidden for g in self.groups), default=0)
-        return in_flight * per_expert + 2 * COPY_CHUNK + 400 * 2**20  # + interpreter, torch
+        scales = max((2 * g.num_experts * 3 * g.inter * g.hidden // BLOCK for g in self.groups), default=0)
+        return scales + in_flight * per_expert + 2 * COPY_CHUNK + 400 * 2**20
 
 
 COPY_CHUNK = 64 * 2**20  # bytes per read/write of a passed-through tensor
@@ -150,7 +154,7 @@ def make_plan(source: SourceCheckpoint, *, long_context: bool, bf16: str, max_sh
             outputs.append(OutputTensor(name, info.dtype, info.shape, source=info))
         elif prefix in groups:
             g = groups.pop(prefix)
-            for kind in fmt.STORED[g.storage]:
+            for kind in sorted(fmt.STORED[g.storage], key=WRITE_ORDER.index):
                 dtype, shape = fmt.EXPERT_TENSORS[kind]
                 outputs.append(OutputTensor(f"{prefix}.{kind}", dtype, shape(g.num_experts, g.hidden, g.inter), group=g, kind=kind))
     planned = sorted({t.group.prefix: t.group for t in outputs if t.group}.values(), key=lambda g: _natural_key(g.prefix))

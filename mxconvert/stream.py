@@ -1,8 +1,8 @@
 """Streaming each output tensor's bytes from the source: pass-through chunks, and experts one at a time.
 
-Each source byte is read once: one expert's gate, up and down projections yield every stored tensor's
-slice for that expert (FNUZ values, packed scales, BF16 copies) before the next expert is read.
-Experts run on a small thread pool (torch, numpy and pread/pwrite release the GIL), a bounded number
+Each source byte is read once: a group's scales first (1/32 of its bytes, kept), then per stack (w13,
+then w2) each expert's values, which yield its slice of the FNUZ and BF16 tensors before the next is
+read. Experts run on a small thread pool (torch, numpy and pread/pwrite release the GIL), a bounded number
 in flight, so memory stays at a few experts' worth whatever the model's size.
 Shape legend: N out, K in, G = K // 32; w13 is [2I, H] per expert, w2 [H, I].
 """
@@ -44,10 +44,8 @@ def copy_tensor(source: SourceCheckpoint, info: TensorInfo, sink: ShardSet) -> N
         sink.write(info.name, start, source.read(info, start, min(COPY_CHUNK, info.nbytes - start)))
 
 
-def _read_checked(source: SourceCheckpoint, infos: list[TensorInfo], *, scale: bool) -> torch.Tensor:
-    """The tensors stacked along rows into one buffer, refusing bytes FNUZ cannot represent."""
-    rows = sum(info.shape[0] for info in infos)
-    out = _buffer("scales" if scale else "values", (rows, infos[0].shape[1]), torch.uint8)  # [N, K] or [N, G]
+def _read_checked(source: SourceCheckpoint, infos: list[TensorInfo], *, scale: bool, out: torch.Tensor) -> torch.Tensor:
+    """The tensors stacked along rows into `out`, refusing bytes FNUZ cannot represent."""
     row = 0
     for info in infos:
         part = source.read_tensor(info, out=out[row : row + info.shape[0]])
@@ -71,30 +69,50 @@ def _bf16(values: torch.Tensor, scales: torch.Tensor, device: str) -> torch.Tens
     return out
 
 
-def write_expert(source: SourceCheckpoint, group: PlannedGroup, e: int, sink: ShardSet, *, device: str) -> None:
-    """Expert e's slice of every stored tensor of its group, at offset e * slice size."""
-    stored, slot = fmt.STORED[group.storage], group.source.experts[e]
+def read_scales(source: SourceCheckpoint, group: PlannedGroup) -> dict[str, torch.Tensor]:
+    """Every expert's FNUZ scales per stack, {"w13": [E, 2I, H/32], "w2": [E, H, I/32]}: 1/32 of the
+    group's bytes, read (and checked) before any of its values."""
+    scales = {}
     for stack, projs in STACKS:
-        values = _read_checked(source, [slot[p][0] for p in projs], scale=False)  # [N, K] FN bytes
-        scales = _read_checked(source, [slot[p][1] for p in projs], scale=True)  # [N, G]
-        layout.fn_to_fnuz_values(values, inplace=True)
-        scales = layout.fn_to_fnuz_scales(scales)
-        if f"{stack}_weight" in stored:
-            sink.write(f"{group.prefix}.{stack}_weight", e * values.numel(), values)
-            sink.write(f"{group.prefix}.{stack}_weight_scale", e * scales.numel(), layout.pack_scales(scales))  # [G, N]
-        if f"{stack}_weight_bf16" in stored:
-            sink.write(f"{group.prefix}.{stack}_weight_bf16", e * values.numel() * 2, _bf16(values, scales, device))
+        first = [group.source.experts[0][p][1] for p in projs]
+        out = torch.empty(group.num_experts, sum(i.shape[0] for i in first), first[0].shape[1], dtype=torch.uint8)
+        for e in range(group.num_experts):
+            _read_checked(source, [group.source.experts[e][p][1] for p in projs], scale=True, out=out[e])
+        scales[stack] = layout.fn_to_fnuz_scales(out)
+    return scales
+
+
+def write_expert(source: SourceCheckpoint, group: PlannedGroup, e: int, stack: str, scales: torch.Tensor,
+                 sink: ShardSet, *, device: str) -> None:
+    """Expert e's slice of one stack (w13 or w2): FNUZ values and BF16 copies as the storage says."""
+    stored, projs = fmt.STORED[group.storage], dict(STACKS)[stack]
+    infos = [group.source.experts[e][p][0] for p in projs]
+    values = _buffer("values", (sum(i.shape[0] for i in infos), infos[0].shape[1]), torch.uint8)  # [N, K]
+    layout.fn_to_fnuz_values(_read_checked(source, infos, scale=False, out=values), inplace=True)
+    if f"{stack}_weight" in stored:
+        sink.write(f"{group.prefix}.{stack}_weight", e * values.numel(), values)
+    if f"{stack}_weight_bf16" in stored:
+        sink.write(f"{group.prefix}.{stack}_weight_bf16", e * values.numel() * 2, _bf16(values, scales, device))
 
 
 def write_group(source: SourceCheckpoint, group: PlannedGroup, sink: ShardSet, *, device: str, pool: Executor,
                 in_flight: int) -> None:
-    """Every expert of a group on the pool, at most `in_flight` at a time; the first error stops the rest."""
+    """A group's packed scales, then each stack's experts on the pool, at most `in_flight` at a time.
+
+    Stack by stack, so that at any time few tensors fill at once, each in order: the shard hash then
+    takes the bytes from memory (ShardWriter). The first error stops the rest.
+    """
+    scales = read_scales(source, group)
+    for stack, _ in STACKS:
+        if f"{stack}_weight_scale" in fmt.STORED[group.storage]:
+            sink.write(f"{group.prefix}.{stack}_weight_scale", 0, layout.pack_scales(scales[stack]))  # [E, G, N]
     pending = deque()
     try:
-        for e in range(group.num_experts):
-            if len(pending) >= in_flight:
-                pending.popleft().result()
-            pending.append(pool.submit(write_expert, source, group, e, sink, device=device))
+        for stack, _ in STACKS:
+            for e in range(group.num_experts):
+                if len(pending) >= in_flight:
+                    pending.popleft().result()
+                pending.append(pool.submit(write_expert, source, group, e, stack, scales[stack][e], sink, device=device))
         while pending:
             pending.popleft().result()
     except BaseException:
