@@ -20,7 +20,7 @@ def _e8m0(byte, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _dequant(b, scale, UPCAST: tl.constexpr):
+def _dequant(b, scale):
     # FP8 b times a power-of-two fp32 scale, as BF16: exact (FP8 has 4 significant bits). Through fp32:
     # on the H100 a BF16 multiply after a native FP8 -> BF16 cast measured 7-22% slower (notes/kernels.md).
     return (b.to(tl.float32) * scale).to(tl.bfloat16)
@@ -107,7 +107,7 @@ def _fused_moe_kernel(
                 if MODE == 1:
                     sb = _e8m0(tl.load(bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
                                        mask=n_ok[:, None] & (gg[None, :] < K // 32), other=127), SCALE_SHIFT)
-                    b = tl.reshape(_dequant(tl.reshape(b, (BLOCK_N, G, 32)), sb[:, :, None], UPCAST),
+                    b = tl.reshape(_dequant(tl.reshape(b, (BLOCK_N, G, 32)), sb[:, :, None]),
                                    (BLOCK_N, BLOCK_K))
                 acc = _dot(b, a, acc, UPCAST)
             else:
@@ -118,7 +118,7 @@ def _fused_moe_kernel(
                 if MODE == 1:
                     sb = _e8m0(tl.load(bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
                                        mask=n_ok[None, :] & (gg[:, None] < K // 32), other=127), SCALE_SHIFT)
-                    b = tl.reshape(_dequant(tl.reshape(b, (G, 32, BLOCK_N)), sb[:, None, :], UPCAST),
+                    b = tl.reshape(_dequant(tl.reshape(b, (G, 32, BLOCK_N)), sb[:, None, :]),
                                    (BLOCK_K, BLOCK_N))
                 acc = _dot(a, b, acc, UPCAST)
 
