@@ -97,7 +97,7 @@ class ShardWriter:
 
     def _hash(self, start: int | None = None, raw: memoryview | None = None) -> None:
         """Extend the digest over every range now contiguous with the hashed prefix. One thread at a
-        time hashes; the others only record their range, read back later, so none waits on another."""
+        time hashes; the others record their range (read back later) and go on, none waits."""
         with self._lock:
             if raw is not None:
                 self._ahead[start] = (start + len(raw), raw)
