@@ -107,3 +107,17 @@ def moe_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor, topk
         out[p] = q(swiglu_oai_reference(y1, act=activation)) @ w2[e].float().T
     out *= topk_weights.reshape(-1, 1).float()
     return out.view(t, -1, h).sum(1)
+
+
+def capture_cuda_graph(fn):
+    """Warm fn up on a side stream, then capture one call: returns (graph, fn's output). The forwards
+    make no host synchronization, so serving stacks can capture them like this and replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mxconvert.kernels import config as cfg  # noqa: E402
 from mxconvert.kernels.align import align_routing  # noqa: E402
-from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8  # noqa: E402
+from mxconvert.kernels.moe import capture_cuda_graph, moe_experts_bf16, moe_experts_mxfp8  # noqa: E402
 from mxconvert.kernels.moe_gemm import moe_gemm  # noqa: E402
 from mxconvert.kernels.quant import quantize_mxfp8, swiglu_oai  # noqa: E402
 from mxconvert.layout import dequantize_bf16, unpack_scales  # noqa: E402
@@ -35,18 +35,7 @@ TOKENS = [1, 8, 32, 128, 512, 1024, 4096, 8192]
 def bench(fn, graph=True):
     """Median microseconds of fn, replayed from a CUDA graph (launch gaps out of the numbers)."""
     fn()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-    else:
-        run = fn
+    run = capture_cuda_graph(fn)[0].replay if graph else fn
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mxconvert.kernels.config import fp8_format
-from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8, moe_experts_reference, native_mode
+from mxconvert.kernels.moe import (capture_cuda_graph, moe_experts_bf16, moe_experts_mxfp8, moe_experts_reference,
+                                   native_mode)
 from mxconvert.kernels.moe_gemm import dequantized_weights
 
 from kernel_helpers import ON_GPU, random_fnuz_weights, random_routing, rel_err
@@ -77,14 +78,7 @@ def test_cuda_graph_replay(path, gen):
     fwd = (lambda: moe_experts_bf16(x, w, ids, **bf)) if path == "bf16" else (
         lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=path))
     fwd()  # compile outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fwd()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fwd()
+    graph, out = capture_cuda_graph(fwd)
     new_ids, new_w = random_routing(t, k, e, gen, skew=True)
     ids.copy_(new_ids)
     w.copy_(new_w)
