@@ -8,8 +8,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _count_kernel(ids_ptr, scratch_ptr, sorted_ptr, P, max_slots,
-                  E_PAD: tl.constexpr, CHUNK: tl.constexpr, E: tl.constexpr):
+def _count_kernel(
+    ids_ptr, scratch_ptr, sorted_ptr, P, max_slots, E_PAD: tl.constexpr, CHUNK: tl.constexpr, E: tl.constexpr
+):
     # Per chunk of pairs: expert histogram into counts; fill this program's slot range with P (= empty).
     pid = tl.program_id(0)
     offs = pid * CHUNK + tl.arange(0, CHUNK)
@@ -24,8 +25,19 @@ def _count_kernel(ids_ptr, scratch_ptr, sorted_ptr, P, max_slots,
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, scratch_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, P, max_blocks,
-                    E_PAD: tl.constexpr, CHUNK: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr):
+def _scatter_kernel(
+    ids_ptr,
+    scratch_ptr,
+    sorted_ptr,
+    expert_ids_ptr,
+    num_post_pad_ptr,
+    P,
+    max_blocks,
+    E_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     # Each pair goes to slot start[expert] + (its arrival at the expert's cursor); order within an
     # expert is arbitrary, which no output depends on (each row is computed on its own).
     pid = tl.program_id(0)

@@ -37,13 +37,36 @@ def _dot(x, y, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _fused_moe_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, w_ptr,
-    sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
-    N, K, P,
-    stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsg, stride_cm,
-    A_DIV: tl.constexpr, MODE: tl.constexpr, SCALE_SHIFT: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-    SWAP_AB: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    w_ptr,
+    sorted_ptr,
+    expert_ids_ptr,
+    num_post_pad_ptr,
+    N,
+    K,
+    P,
+    stride_am,
+    stride_asm,
+    stride_be,
+    stride_bn,
+    stride_bse,
+    stride_bsg,
+    stride_cm,
+    A_DIV: tl.constexpr,
+    MODE: tl.constexpr,
+    SCALE_SHIFT: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Shape legend: P pairs, N out, K in, G = K / 32; A [P / A_DIV, K], B [E, N, K], C [P, N].
     pid = tl.program_id(0)
@@ -82,17 +105,25 @@ def _fused_moe_kernel(
                 sa = _e8m0(tl.load(as_ptr + rows * stride_asm + grp, mask=row_ok, other=127), 0)
                 sb = _e8m0(tl.load(bs_base + grp * stride_bsg + offs_n, mask=n_ok, other=127), SCALE_SHIFT)
                 if SWAP_AB:
-                    a = tl.load(a_ptr + rows[None, :] * stride_am + kk[:, None],
-                                mask=row_ok[None, :] & k_ok[:, None], other=0.0)
-                    b = tl.load(b_base + offs_n[:, None] * stride_bn + kk[None, :],
-                                mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                    a = tl.load(
+                        a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
+                    )
+                    b = tl.load(
+                        b_base + offs_n[:, None] * stride_bn + kk[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0,
+                    )
                     part = tl.dot(b, a)
                     acc += part * (sb[:, None] * sa[None, :])
                 else:
-                    a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :],
-                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None],
-                                mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                    a = tl.load(
+                        a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+                    )
+                    b = tl.load(
+                        b_base + offs_n[None, :] * stride_bn + kk[:, None],
+                        mask=n_ok[None, :] & k_ok[:, None],
+                        other=0.0,
+                    )
                     part = tl.dot(a, b)
                     acc += part * (sa[:, None] * sb[None, :])
         else:
@@ -100,26 +131,40 @@ def _fused_moe_kernel(
             k_ok = (kk < K) | EVEN_K  # EVEN_K: no K tail, so no mask for the compiler to keep
             gg = k0 // 32 + tl.arange(0, G)
             if SWAP_AB:
-                a = tl.load(a_ptr + rows[None, :] * stride_am + kk[:, None],
-                            mask=row_ok[None, :] & k_ok[:, None], other=0.0)
-                b = tl.load(b_base + offs_n[:, None] * stride_bn + kk[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                a = tl.load(
+                    a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
+                )
+                b = tl.load(
+                    b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
+                )
                 if MODE == 1:
-                    sb = _e8m0(tl.load(bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
-                                       mask=n_ok[:, None] & (gg[None, :] < K // 32), other=127), SCALE_SHIFT)
-                    b = tl.reshape(_dequant(tl.reshape(b, (BLOCK_N, G, 32)), sb[:, :, None]),
-                                   (BLOCK_N, BLOCK_K))
+                    sb = _e8m0(
+                        tl.load(
+                            bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
+                            mask=n_ok[:, None] & (gg[None, :] < K // 32),
+                            other=127,
+                        ),
+                        SCALE_SHIFT,
+                    )
+                    b = tl.reshape(_dequant(tl.reshape(b, (BLOCK_N, G, 32)), sb[:, :, None]), (BLOCK_N, BLOCK_K))
                 acc = _dot(b, a, acc, UPCAST)
             else:
-                a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None],
-                            mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                a = tl.load(
+                    a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+                )
+                b = tl.load(
+                    b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
+                )
                 if MODE == 1:
-                    sb = _e8m0(tl.load(bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
-                                       mask=n_ok[None, :] & (gg[:, None] < K // 32), other=127), SCALE_SHIFT)
-                    b = tl.reshape(_dequant(tl.reshape(b, (G, 32, BLOCK_N)), sb[:, None, :]),
-                                   (BLOCK_K, BLOCK_N))
+                    sb = _e8m0(
+                        tl.load(
+                            bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
+                            mask=n_ok[None, :] & (gg[:, None] < K // 32),
+                            other=127,
+                        ),
+                        SCALE_SHIFT,
+                    )
+                    b = tl.reshape(_dequant(tl.reshape(b, (G, 32, BLOCK_N)), sb[:, None, :]), (BLOCK_K, BLOCK_N))
                 acc = _dot(a, b, acc, UPCAST)
 
     if SWAP_AB:

@@ -50,8 +50,18 @@ def _encode_e4m3(x, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_tile(y, q_ptrs, s_ptrs, mask, smask, BR: tl.constexpr, BC: tl.constexpr,
-                   BIAS: tl.constexpr, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
+def _quantize_tile(
+    y,
+    q_ptrs,
+    s_ptrs,
+    mask,
+    smask,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_EXP: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+):
     # y: fp32 [BR, BC] -> bytes at q_ptrs [BR, BC], scale bytes at s_ptrs [BR, BC // 32].
     # Subnormal inputs count as zero, whatever the device's denormal mode.
     y = tl.where(tl.abs(y) < 1.1754943508222875e-38, 0.0, y)
@@ -64,9 +74,21 @@ def _quantize_tile(y, q_ptrs, s_ptrs, mask, smask, BR: tl.constexpr, BC: tl.cons
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
-                     BR: tl.constexpr, BC: tl.constexpr,
-                     BIAS: tl.constexpr, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
+def _quantize_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_EXP: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+):
     # x [M, K] bf16 -> q [M, K] bytes, s [M, K/32] bytes
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -74,16 +96,41 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     smask = (rows[:, None] < M) & (groups[None, :] < K // 32)
     y = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    _quantize_tile(y, q_ptr + rows[:, None] * stride_qm + cols[None, :],
-                   s_ptr + rows[:, None] * stride_sm + groups[None, :], mask, smask,
-                   BR, BC, BIAS, MAX_EXP, MAX_MANT)
+    _quantize_tile(
+        y,
+        q_ptr + rows[:, None] * stride_qm + cols[None, :],
+        s_ptr + rows[:, None] * stride_sm + groups[None, :],
+        mask,
+        smask,
+        BR,
+        BC,
+        BIAS,
+        MAX_EXP,
+        MAX_MANT,
+    )
 
 
 @triton.jit
-def _swiglu_kernel(x_ptr, out_ptr, s_ptr, M, I, stride_xm, stride_om, stride_sm,
-                   alpha, beta, limit,
-                   BR: tl.constexpr, BC: tl.constexpr, QUANT: tl.constexpr, INTERP: tl.constexpr,
-                   BIAS: tl.constexpr, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
+def _swiglu_kernel(
+    x_ptr,
+    out_ptr,
+    s_ptr,
+    M,
+    I,
+    stride_xm,
+    stride_om,
+    stride_sm,
+    alpha,
+    beta,
+    limit,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    QUANT: tl.constexpr,
+    INTERP: tl.constexpr,
+    BIAS: tl.constexpr,
+    MAX_EXP: tl.constexpr,
+    MAX_MANT: tl.constexpr,
+):
     # x [M, 2I] bf16 (gate | up) -> out [M, I]: bf16, or FP8 bytes + scales [M, I/32] when QUANT
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -98,7 +145,17 @@ def _swiglu_kernel(x_ptr, out_ptr, s_ptr, M, I, stride_xm, stride_om, stride_sm,
     if QUANT:
         groups = tl.program_id(1) * (BC // 32) + tl.arange(0, BC // 32)
         smask = (rows[:, None] < M) & (groups[None, :] < I // 32)
-        _quantize_tile(y.to(tl.float32), o_ptrs, s_ptr + rows[:, None] * stride_sm + groups[None, :],
-                       mask, smask, BR, BC, BIAS, MAX_EXP, MAX_MANT)
+        _quantize_tile(
+            y.to(tl.float32),
+            o_ptrs,
+            s_ptr + rows[:, None] * stride_sm + groups[None, :],
+            mask,
+            smask,
+            BR,
+            BC,
+            BIAS,
+            MAX_EXP,
+            MAX_MANT,
+        )
     else:
         tl.store(o_ptrs, y, mask=mask)

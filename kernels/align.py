@@ -43,14 +43,25 @@ def align_routing(topk_ids: torch.Tensor, *, num_experts: int, block_m: int) -> 
     e_pad = triton.next_power_of_2(num_experts + 1)
     dev = topk_ids.device
     scratch = torch.zeros(2 * e_pad + 1, dtype=torch.int32, device=dev)  # counts, cursors, slots used
-    num_post_pad = scratch[2 * e_pad:]
+    num_post_pad = scratch[2 * e_pad :]
     sorted_ids = torch.empty(slots, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(slots // block_m, dtype=torch.int32, device=dev)
     if p:
         grid = (triton.cdiv(p, CHUNK),)
         _count_kernel[grid](ids, scratch, sorted_ids, p, slots, E_PAD=e_pad, CHUNK=CHUNK, E=num_experts)
-        _scatter_kernel[grid](ids, scratch, sorted_ids, expert_ids, num_post_pad, p, slots // block_m,
-                              E_PAD=e_pad, CHUNK=CHUNK, E=num_experts, BLOCK_M=block_m)
+        _scatter_kernel[grid](
+            ids,
+            scratch,
+            sorted_ids,
+            expert_ids,
+            num_post_pad,
+            p,
+            slots // block_m,
+            E_PAD=e_pad,
+            CHUNK=CHUNK,
+            E=num_experts,
+            BLOCK_M=block_m,
+        )
     return Alignment(sorted_ids, expert_ids, num_post_pad, block_m)
 
 
@@ -64,5 +75,4 @@ def align_routing_reference(topk_ids: torch.Tensor, *, num_experts: int, block_m
         n = -(-len(pairs) // block_m) * block_m
         sorted_ids += pairs + [p] * (n - len(pairs))
         expert_ids += [e] * (n // block_m)
-    return (torch.tensor(sorted_ids, dtype=torch.int32), torch.tensor(expert_ids, dtype=torch.int32),
-            len(sorted_ids))
+    return (torch.tensor(sorted_ids, dtype=torch.int32), torch.tensor(expert_ids, dtype=torch.int32), len(sorted_ids))

@@ -102,8 +102,16 @@ def _gfx942(tokens_per_expert: float, pairs: int, n: int, k: int, block_m: int) 
     return GemmTile(128, 64, 4 if block_m <= 32 else 8, 2)
 
 
-def moe_config(*, tokens: int, top_k: int, num_experts: int, hidden: int, intermediate: int,
-               mode: str, device: torch.device | str | None = None) -> MoeConfig:
+def moe_config(
+    *,
+    tokens: int,
+    top_k: int,
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+    mode: str,
+    device: torch.device | str | None = None,
+) -> MoeConfig:
     """Tiles for GEMM1 (N 2I, K H) and GEMM2 (N H, K I) of one experts forward."""
     family = device_family(device)
     tpe = tokens * top_k / max(num_experts, 1)
@@ -112,8 +120,9 @@ def moe_config(*, tokens: int, top_k: int, num_experts: int, hidden: int, interm
     if family == "gfx942":
         bm = min(max(_next_pow2(max(1, int(tpe))), 16), 64)
         pairs = tokens * top_k
-        return MoeConfig(bm, _gfx942(tpe, pairs, 2 * intermediate, hidden, bm),
-                         _gfx942(tpe, pairs, hidden, intermediate, bm))
+        return MoeConfig(
+            bm, _gfx942(tpe, pairs, 2 * intermediate, hidden, bm), _gfx942(tpe, pairs, hidden, intermediate, bm)
+        )
     for limit, bm, t1, t2 in HOPPER[mode]:
         if limit is None or tpe <= limit:
             return MoeConfig(bm, t1, t2)

@@ -15,7 +15,13 @@ from mxconvert.errors import MxconvertError
 from mxconvert.kernels import config as cfg
 from mxconvert.kernels.align import align_routing
 from mxconvert.kernels.moe_gemm import moe_gemm
-from mxconvert.kernels.quant import SwigluOAI, quantize_mxfp8, quantize_mxfp8_reference, swiglu_oai, swiglu_oai_reference
+from mxconvert.kernels.quant import (
+    SwigluOAI,
+    quantize_mxfp8,
+    quantize_mxfp8_reference,
+    swiglu_oai,
+    swiglu_oai_reference,
+)
 from mxconvert.layout import BLOCK
 
 native_mode = cfg.native_mode
@@ -25,43 +31,99 @@ def _check(hidden, topk_weights, topk_ids, w13, w2):
     t, h = hidden.shape
     e, n1, k1 = w13.shape
     if hidden.dtype != torch.bfloat16 or k1 != h or tuple(w2.shape) != (e, h, n1 // 2) or n1 % (2 * BLOCK):
-        raise MxconvertError("moe experts", f"hidden {tuple(hidden.shape)} {hidden.dtype}, w13 {tuple(w13.shape)}, "
-                             f"w2 {tuple(w2.shape)}", "expected BF16 [T, H], w13 [E, 2I, H], w2 [E, H, I], I % 32 == 0")
+        raise MxconvertError(
+            "moe experts",
+            f"hidden {tuple(hidden.shape)} {hidden.dtype}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}",
+            "expected BF16 [T, H], w13 [E, 2I, H], w2 [E, H, I], I % 32 == 0",
+        )
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != t:
-        raise MxconvertError("moe experts", f"topk_ids {tuple(topk_ids.shape)} vs topk_weights "
-                             f"{tuple(topk_weights.shape)}", "both must be [T, k]")
+        raise MxconvertError(
+            "moe experts",
+            f"topk_ids {tuple(topk_ids.shape)} vs topk_weights {tuple(topk_weights.shape)}",
+            "both must be [T, k]",
+        )
     return t, h, e, n1 // 2, topk_ids.shape[1]
 
 
-def _forward(hidden, topk_weights, topk_ids, w13, w2, *, mode, w13_scale=None, w2_scale=None,
-             activation, config, fmt):
+def _forward(hidden, topk_weights, topk_ids, w13, w2, *, mode, w13_scale=None, w2_scale=None, activation, config, fmt):
     t, h, e, i, k = _check(hidden, topk_weights, topk_ids, w13, w2)
     if t == 0:
         return torch.empty(0, h, dtype=torch.bfloat16, device=hidden.device)
-    config = config or cfg.moe_config(tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i,
-                                      mode=mode, device=hidden.device)
+    config = config or cfg.moe_config(
+        tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i, mode=mode, device=hidden.device
+    )
     align = align_routing(topk_ids, num_experts=e, block_m=config.block_m)
     p = t * k
     weights = topk_weights.reshape(-1).float().contiguous()
     if mode == "w8a8":
         xq, xs = quantize_mxfp8(hidden, fmt=fmt)
-        y1 = moe_gemm(xq, w13, align=align, num_pairs=p, a_div=k, tile=config.gemm1, mode=mode,
-                      a_scale=xs, b_scale=w13_scale, fp8_format=fmt)
+        y1 = moe_gemm(
+            xq,
+            w13,
+            align=align,
+            num_pairs=p,
+            a_div=k,
+            tile=config.gemm1,
+            mode=mode,
+            a_scale=xs,
+            b_scale=w13_scale,
+            fp8_format=fmt,
+        )
         aq, as_ = swiglu_oai(y1, act=activation, quantize=fmt)
-        y2 = moe_gemm(aq, w2, align=align, num_pairs=p, a_div=1, tile=config.gemm2, mode=mode,
-                      a_scale=as_, b_scale=w2_scale, fp8_format=fmt, topk_weights=weights)
+        y2 = moe_gemm(
+            aq,
+            w2,
+            align=align,
+            num_pairs=p,
+            a_div=1,
+            tile=config.gemm2,
+            mode=mode,
+            a_scale=as_,
+            b_scale=w2_scale,
+            fp8_format=fmt,
+            topk_weights=weights,
+        )
     else:
-        y1 = moe_gemm(hidden.contiguous(), w13, align=align, num_pairs=p, a_div=k, tile=config.gemm1,
-                      mode=mode, b_scale=w13_scale, fp8_format=fmt)
-        y2 = moe_gemm(swiglu_oai(y1, act=activation), w2, align=align, num_pairs=p, a_div=1,
-                      tile=config.gemm2, mode=mode, b_scale=w2_scale, fp8_format=fmt, topk_weights=weights)
+        y1 = moe_gemm(
+            hidden.contiguous(),
+            w13,
+            align=align,
+            num_pairs=p,
+            a_div=k,
+            tile=config.gemm1,
+            mode=mode,
+            b_scale=w13_scale,
+            fp8_format=fmt,
+        )
+        y2 = moe_gemm(
+            swiglu_oai(y1, act=activation),
+            w2,
+            align=align,
+            num_pairs=p,
+            a_div=1,
+            tile=config.gemm2,
+            mode=mode,
+            b_scale=w2_scale,
+            fp8_format=fmt,
+            topk_weights=weights,
+        )
     return y2.view(t, k, h).sum(dim=1)  # one kernel, fp32 accumulation inside, BF16 out
 
 
-def moe_experts_mxfp8(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-                      w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      activation: SwigluOAI = SwigluOAI(), mode: str | None = None,
-                      fp8_format: str | None = None, config: cfg.MoeConfig | None = None) -> torch.Tensor:
+def moe_experts_mxfp8(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    activation: SwigluOAI = SwigluOAI(),
+    mode: str | None = None,
+    fp8_format: str | None = None,
+    config: cfg.MoeConfig | None = None,
+) -> torch.Tensor:
     """Native MXFP8 experts: w13 [E, 2I, H] / w2 [E, H, I] FNUZ bytes, scales [E, H/32, 2I] / [E, I/32, H].
 
     mode "w8a8" (MXFP8 activations) or "w8a16" (BF16 activations, weights dequantized in registers);
@@ -70,27 +132,53 @@ def moe_experts_mxfp8(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids
     mode = mode or native_mode(hidden.device)
     if mode not in ("w8a8", "w8a16"):
         raise MxconvertError("moe_experts_mxfp8", f"mode {mode!r}", "use 'w8a8' or 'w8a16'")
-    return _forward(hidden, topk_weights, topk_ids, w13, w2, mode=mode, w13_scale=w13_scale,
-                    w2_scale=w2_scale, activation=activation, config=config,
-                    fmt=fp8_format or cfg.fp8_format(hidden.device))
+    return _forward(
+        hidden,
+        topk_weights,
+        topk_ids,
+        w13,
+        w2,
+        mode=mode,
+        w13_scale=w13_scale,
+        w2_scale=w2_scale,
+        activation=activation,
+        config=config,
+        fmt=fp8_format or cfg.fp8_format(hidden.device),
+    )
 
 
-def moe_experts_bf16(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-                     w13_bf16: torch.Tensor, w2_bf16: torch.Tensor, activation: SwigluOAI = SwigluOAI(),
-                     config: cfg.MoeConfig | None = None) -> torch.Tensor:
+def moe_experts_bf16(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    w13_bf16: torch.Tensor,
+    w2_bf16: torch.Tensor,
+    activation: SwigluOAI = SwigluOAI(),
+    config: cfg.MoeConfig | None = None,
+) -> torch.Tensor:
     """BF16 experts: w13_bf16 [E, 2I, H], w2_bf16 [E, H, I]."""
-    return _forward(hidden, topk_weights, topk_ids, w13_bf16, w2_bf16, mode="bf16", activation=activation,
-                    config=config, fmt="fn")
+    return _forward(
+        hidden, topk_weights, topk_ids, w13_bf16, w2_bf16, mode="bf16", activation=activation, config=config, fmt="fn"
+    )
 
 
-def moe_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-                          w13: torch.Tensor, w2: torch.Tensor, activation: SwigluOAI = SwigluOAI(),
-                          quantize: str | None = None) -> torch.Tensor:
+def moe_experts_reference(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: SwigluOAI = SwigluOAI(),
+    quantize: str | None = None,
+) -> torch.Tensor:
     """float32 forward from float weights w13 [E, 2I, H], w2 [E, H, I] (dequantized first).
 
     quantize="fn"/"fnuz" emulates W8A8: both GEMM inputs pass through quantize_mxfp8_reference.
     GEMM1's output is rounded to BF16, as the kernels store it.
     """
+
     def q(x):
         if not quantize:
             return x.float()

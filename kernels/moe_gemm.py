@@ -17,10 +17,20 @@ MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
 FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
 
 
-def moe_gemm(a: torch.Tensor, b: torch.Tensor, *, align: Alignment, num_pairs: int, a_div: int,
-             tile: GemmTile, mode: str, a_scale: torch.Tensor | None = None,
-             b_scale: torch.Tensor | None = None, fp8_format: str = "fn",
-             topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+def moe_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    align: Alignment,
+    num_pairs: int,
+    a_div: int,
+    tile: GemmTile,
+    mode: str,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    fp8_format: str = "fn",
+    topk_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """C [P, N] BF16 = A[p // a_div] @ B[expert(p)]^T (* topk_weights[p]); no host synchronization.
 
     FP8 B bytes are E4M3FNUZ. fp8_format "fnuz" feeds them to the dot as they are (gfx942); "fn" reads
@@ -28,11 +38,15 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, *, align: Alignment, num_pairs: i
     """
     e, n, k = b.shape
     if k % BLOCK or a.shape[-1] != k:
-        raise MxconvertError("moe_gemm", f"K {k} of B [{e}, {n}, {k}] vs A {tuple(a.shape)}",
-                             "K must match and be a multiple of 32")
+        raise MxconvertError(
+            "moe_gemm", f"K {k} of B [{e}, {n}, {k}] vs A {tuple(a.shape)}", "K must match and be a multiple of 32"
+        )
     if mode != "bf16" and (b_scale is None or tuple(b_scale.shape) != (e, k // BLOCK, n)):
-        raise MxconvertError("moe_gemm", f"scales {None if b_scale is None else tuple(b_scale.shape)}",
-                             f"pass packed E8M0 scales [{e}, {k // BLOCK}, {n}]")
+        raise MxconvertError(
+            "moe_gemm",
+            f"scales {None if b_scale is None else tuple(b_scale.shape)}",
+            f"pass packed E8M0 scales [{e}, {k // BLOCK}, {n}]",
+        )
     if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values()):
         raise MxconvertError("moe_gemm", "w8a8 without FP8 activations", "quantize A with quantize_mxfp8")
     c = torch.empty(num_pairs, n, dtype=torch.bfloat16, device=a.device)
@@ -46,18 +60,38 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, *, align: Alignment, num_pairs: i
     grid = (align.max_blocks * -(-n // tile.block_n),)
     dummy = c
     _fused_moe_kernel[grid](
-        a, a_scale if a_scale is not None else dummy, b, b_scale if b_scale is not None else dummy, c,
+        a,
+        a_scale if a_scale is not None else dummy,
+        b,
+        b_scale if b_scale is not None else dummy,
+        c,
         topk_weights if topk_weights is not None else dummy,
-        align.sorted_ids, align.expert_ids, align.num_post_pad,
-        n, k, num_pairs,
-        a.stride(0), a_scale.stride(0) if a_scale is not None else 0, b.stride(0), b.stride(1),
-        b_scale.stride(0) if b_scale is not None else 0, b_scale.stride(1) if b_scale is not None else 0,
+        align.sorted_ids,
+        align.expert_ids,
+        align.num_post_pad,
+        n,
+        k,
+        num_pairs,
+        a.stride(0),
+        a_scale.stride(0) if a_scale is not None else 0,
+        b.stride(0),
+        b.stride(1),
+        b_scale.stride(0) if b_scale is not None else 0,
+        b_scale.stride(1) if b_scale is not None else 0,
         c.stride(0),
-        A_DIV=a_div, MODE=MODES[mode], SCALE_SHIFT=int(fp8_format == "fn"),
-        MUL_WEIGHT=topk_weights is not None, SWAP_AB=tile.swap_ab, UPCAST=a.device.type == "cpu",
+        A_DIV=a_div,
+        MODE=MODES[mode],
+        SCALE_SHIFT=int(fp8_format == "fn"),
+        MUL_WEIGHT=topk_weights is not None,
+        SWAP_AB=tile.swap_ab,
+        UPCAST=a.device.type == "cpu",
         EVEN_K=k % tile.block_k == 0,
-        BLOCK_M=bm, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        BLOCK_M=bm,
+        BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k,
+        GROUP_M=tile.group_m,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )
     return c
 
@@ -67,8 +101,9 @@ def dequantized_weights(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
     return dequantize(b.view(torch.uint8), unpack_scales(b_scale), fnuz=True, dtype=torch.float64).float()
 
 
-def moe_gemm_reference(a: torch.Tensor, b: torch.Tensor, topk_ids: torch.Tensor, *, a_div: int,
-                       topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+def moe_gemm_reference(
+    a: torch.Tensor, b: torch.Tensor, topk_ids: torch.Tensor, *, a_div: int, topk_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """float32 C [P, N] from float A and float B [E, N, K] (dequantize first), one expert at a time."""
     ids = topk_ids.reshape(-1)
     c = torch.zeros(ids.numel(), b.shape[1], dtype=torch.float32, device=a.device)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mxconvert.layout import BLOCK
 from mxconvert.kernels._quant import _quantize_kernel, _swiglu_kernel
+from mxconvert.layout import BLOCK
 
 # format -> (torch dtype, exponent bias, FP8_MAX as 1.mant * 2**exp: exp, mantissa bits)
 FP8_FORMATS = {
-    "fn": (torch.float8_e4m3fn, 7, 8, 0x600000),     # 448 = 1.75 * 2**8
+    "fn": (torch.float8_e4m3fn, 7, 8, 0x600000),  # 448 = 1.75 * 2**8
     "fnuz": (torch.float8_e4m3fnuz, 8, 7, 0x700000),  # 240 = 1.875 * 2**7
 }
 
@@ -52,8 +52,20 @@ def quantize_mxfp8(x: torch.Tensor, *, fmt: str = "fn") -> tuple[torch.Tensor, t
     if m:
         br, bc = 4, 256
         grid = (triton_cdiv(m, br), triton_cdiv(k, bc))
-        _quantize_kernel[grid](x, q.view(torch.uint8), s, m, k, x.stride(0), q.stride(0), s.stride(0),
-                               BR=br, BC=bc, **_consts(fmt), num_warps=4)
+        _quantize_kernel[grid](
+            x,
+            q.view(torch.uint8),
+            s,
+            m,
+            k,
+            x.stride(0),
+            q.stride(0),
+            s.stride(0),
+            BR=br,
+            BC=bc,
+            **_consts(fmt),
+            num_warps=4,
+        )
     return q, s
 
 
@@ -85,11 +97,25 @@ def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str |
     if m:
         br, bc = 4, 128
         grid = (triton_cdiv(m, br), triton_cdiv(i, bc))
-        _swiglu_kernel[grid](x, out.view(torch.uint8) if quantize else out, s if quantize else out,
-                             m, i, x.stride(0), out.stride(0), s.stride(0) if quantize else 0,
-                             act.alpha, act.beta, act.limit, BR=br, BC=bc, QUANT=bool(quantize),
-                             INTERP=x.device.type == "cpu",
-                             **_consts(quantize or "fn"), num_warps=4)
+        _swiglu_kernel[grid](
+            x,
+            out.view(torch.uint8) if quantize else out,
+            s if quantize else out,
+            m,
+            i,
+            x.stride(0),
+            out.stride(0),
+            s.stride(0) if quantize else 0,
+            act.alpha,
+            act.beta,
+            act.limit,
+            BR=br,
+            BC=bc,
+            QUANT=bool(quantize),
+            INTERP=x.device.type == "cpu",
+            **_consts(quantize or "fn"),
+            num_warps=4,
+        )
     return (out, s) if quantize else out
 
 

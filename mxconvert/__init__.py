@@ -8,7 +8,5 @@ __version__ = "0.1.0"
 # reached as mxconvert.kernels / mxconvert.runtime, the names an install gives them.
 _here = _os.path.dirname(_os.path.abspath(__file__))
 _root = _os.path.dirname(_here)
-if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
-    _os.path.join(_root, "pyproject.toml")
-):
+if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(_os.path.join(_root, "pyproject.toml")):
     __path__.append(_root)

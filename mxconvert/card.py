@@ -23,12 +23,28 @@ OPTION_HELP = {
 }
 
 
-def write_model_card(*, out_dir: Path, source: str, source_repo_id: str | None, source_revision: str | None,
-                     source_card: Path | None, options: dict, version: str) -> Path:
+def write_model_card(
+    *,
+    out_dir: Path,
+    source: str,
+    source_repo_id: str | None,
+    source_revision: str | None,
+    source_card: Path | None,
+    options: dict,
+    version: str,
+) -> Path:
     """Write out_dir/README.md (a temporary name, then a rename) and return its path."""
     out_dir = Path(out_dir)
-    card = ModelCard(render_card(source=source, source_repo_id=source_repo_id, source_revision=source_revision,
-                                 source_card=source_card, options=options, version=version))
+    card = ModelCard(
+        render_card(
+            source=source,
+            source_repo_id=source_repo_id,
+            source_revision=source_revision,
+            source_card=source_card,
+            options=options,
+            version=version,
+        )
+    )
     path = out_dir / fmt.CARD_NAME
     tmp = out_dir / f".{fmt.CARD_NAME}.tmp"
     tmp.write_text(str(card), encoding="utf-8")
@@ -36,8 +52,15 @@ def write_model_card(*, out_dir: Path, source: str, source_repo_id: str | None, 
     return path
 
 
-def render_card(*, source: str, source_repo_id: str | None, source_revision: str | None,
-                source_card: Path | None, options: dict, version: str) -> str:
+def render_card(
+    *,
+    source: str,
+    source_repo_id: str | None,
+    source_revision: str | None,
+    source_card: Path | None,
+    options: dict,
+    version: str,
+) -> str:
     """The card's text: YAML front matter, then Markdown."""
     copied, note = _source_metadata(source_card)
     if "license_link" in copied:
@@ -73,8 +96,11 @@ def _body(source: str, repo_id: str | None, revision: str | None, options: dict,
     # A local path names the user's machine: only its last part goes public.
     origin = f"[{repo_id}](https://huggingface.co/{repo_id})" if repo_id else f"`{name}` (a local directory)"
     max_t, min_t = options.get("bf16_max_tokens", 8), options.get("bf16_min_tokens", 1024)
-    storage = "`native_only` (FP8 and scales; BF16 derived at load time)" if options.get("bf16") == "derive" \
+    storage = (
+        "`native_only` (FP8 and scales; BF16 derived at load time)"
+        if options.get("bf16") == "derive"
         else "`dual` (FP8, scales and BF16 copies)"
+    )
     if options.get("long_context"):
         storage += ", except MoE layers whose index is a multiple of 5: `bf16_only`"
     rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` | {OPTION_HELP.get(k, '')} |" for k, v in options.items())

@@ -95,7 +95,9 @@ class SourceCheckpoint:
             self.header_sha256[shard.name] = hashlib.sha256(raw).hexdigest()
             for name, entry in header.items():
                 begin, end = entry["data_offsets"]
-                self.tensors[name] = TensorInfo(name, shard, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin)
+                self.tensors[name] = TensorInfo(
+                    name, shard, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin
+                )
         self.groups = self._expert_groups()
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()  # reads come from several threads
@@ -115,7 +117,9 @@ class SourceCheckpoint:
         elif (self.dir / SINGLE_NAME).is_file():
             shards = [self.dir / SINGLE_NAME]
         else:
-            raise MxconvertError(self.dir, f"has neither {INDEX_NAME} nor {SINGLE_NAME}", "Pass a safetensors checkpoint")
+            raise MxconvertError(
+                self.dir, f"has neither {INDEX_NAME} nor {SINGLE_NAME}", "Pass a safetensors checkpoint"
+            )
         for shard in shards:
             if not shard.is_file():
                 raise MxconvertError(shard, f"is named in {INDEX_NAME} but missing", "Re-download the checkpoint")
@@ -140,7 +144,9 @@ class SourceCheckpoint:
                 self._fds[path] = os.open(path, os.O_RDONLY)
             return self._fds[path]
 
-    def read(self, info: TensorInfo, start: int = 0, length: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        self, info: TensorInfo, start: int = 0, length: int | None = None, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Bytes [start, start + length) of a tensor's data as a uint8 tensor (into `out` if given)."""
         length = info.nbytes - start if length is None else length
         if out is None:
@@ -181,9 +187,15 @@ def resolve_model_dir(model_dir: str | Path, *, allow_patterns: tuple[str, ...])
     try:
         path = Path(snapshot_download(str(model_dir), allow_patterns=list(allow_patterns)))
     except LocalEntryNotFoundError as e:
-        raise MxconvertError(model_dir, "is not a local directory and cannot be fetched from the Hub offline",
-                             "Unset HF_HUB_OFFLINE, or download it first, or pass a local path") from e
+        raise MxconvertError(
+            model_dir,
+            "is not a local directory and cannot be fetched from the Hub offline",
+            "Unset HF_HUB_OFFLINE, or download it first, or pass a local path",
+        ) from e
     except HfHubHTTPError as e:
-        raise MxconvertError(model_dir, f"cannot be fetched from the Hub ({e.__class__.__name__})",
-                             "Check the repo id, your network and HF_TOKEN") from e
+        raise MxconvertError(
+            model_dir,
+            f"cannot be fetched from the Hub ({e.__class__.__name__})",
+            "Check the repo id, your network and HF_TOKEN",
+        ) from e
     return path, {"repo_id": str(model_dir), "revision": path.name}

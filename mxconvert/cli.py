@@ -27,8 +27,13 @@ class _DefaultToConvert(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _run(fn, *, interrupted: str = "Interrupted: nothing finished was left behind. Run the same command again "
-                                    "to convert.", **kwargs):
+def _run(
+    fn,
+    *,
+    interrupted: str = "Interrupted: OUT_DIR has no manifest, so it is not a finished conversion. "
+    "Run the same command with --force to convert again.",
+    **kwargs,
+):
     """MxconvertError and Ctrl-C become one line on stderr, never a traceback."""
     try:
         return fn(**kwargs)
@@ -48,17 +53,41 @@ def main():
 @main.command(epilog=EXAMPLES)
 @click.argument("model_dir")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--long-context", is_flag=True, help="Store MoE layers with index % 5 == 0 as BF16 only (fits HBM at long context).")
-@click.option("--bf16", type=click.Choice(["materialize", "derive"]), default="materialize", show_default=True,
-              help="materialize: store exact BF16 copies; derive: FP8 only, the runtime dequantizes at load.")
-@click.option("--bf16-max-tokens", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Batches of at most this many tokens run on the BF16 experts.")
-@click.option("--bf16-min-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Batches of at least this many tokens run on the BF16 experts.")
+@click.option(
+    "--long-context", is_flag=True, help="Store MoE layers with index % 5 == 0 as BF16 only (fits HBM at long context)."
+)
+@click.option(
+    "--bf16",
+    type=click.Choice(["materialize", "derive"]),
+    default="materialize",
+    show_default=True,
+    help="materialize: store exact BF16 copies; derive: FP8 only, the runtime dequantizes at load.",
+)
+@click.option(
+    "--bf16-max-tokens",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Batches of at most this many tokens run on the BF16 experts.",
+)
+@click.option(
+    "--bf16-min-tokens",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Batches of at least this many tokens run on the BF16 experts.",
+)
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 2GiB).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (layers, storage, tensors, bytes, peak memory); write nothing.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the BF16 copies are computed (bit-identical either way).")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (layers, storage, tensors, bytes, peak memory); write nothing."
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the BF16 copies are computed (bit-identical either way).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (bytes written).")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo (see `mxconvert push`).")
@@ -68,20 +97,28 @@ def convert(**kwargs):
 
     plan = _run(run_convert, **kwargs)
     if not kwargs["dry_run"]:
-        click.echo(f"Wrote {len(plan.shards)} shards ({plan.output_bytes / 2**30:.2f} GiB) to {kwargs['out_dir']}; verified.")
+        click.echo(
+            f"Wrote {len(plan.shards)} shards ({plan.output_bytes / 2**30:.2f} GiB) to {kwargs['out_dir']}; verified."
+        )
 
 
 @main.command(epilog=EXAMPLES)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--source", type=click.Path(file_okay=False), help="Also compare every tensor with this source checkpoint.")
+@click.option(
+    "--source", type=click.Path(file_okay=False), help="Also compare every tensor with this source checkpoint."
+)
 @click.option("--quick", is_flag=True, help="Sizes, headers, index and format only; skip the sha256 of every file.")
 def verify(out_dir, source, quick):
     """Check OUT_DIR against its manifest and the format (and the source, bit for bit)."""
     from .manifest import verify as run_verify
 
-    manifest = _run(run_verify, out_dir=out_dir, source=source, full=not quick)
+    manifest = _run(
+        run_verify, out_dir=out_dir, source=source, full=not quick, interrupted="Interrupted: the check did not finish."
+    )
     checked = "sizes, headers" if quick else "sizes, sha256"
-    click.echo(f"OK: {len(manifest['files'])} files ({checked}, index, format)" + (", source bit-exact" if source else ""))
+    click.echo(
+        f"OK: {len(manifest['files'])} files ({checked}, index, format)" + (", source bit-exact" if source else "")
+    )
 
 
 @main.command(epilog=EXAMPLES)
@@ -96,8 +133,11 @@ def push(**kwargs):
     """Upload a verified OUT_DIR to the Hugging Face Hub, resumably (files already there are skipped)."""
     from .hub import push as run_push
 
-    _run(run_push, **kwargs, interrupted="Interrupted: run the same command again to resume the push; files "
-                                          "already on the Hub are skipped.")
+    _run(
+        run_push,
+        **kwargs,
+        interrupted="Interrupted: run the same command again to resume the push; files already on the Hub are skipped.",
+    )
 
 
 if __name__ == "__main__":

@@ -55,10 +55,18 @@ def convert(
     if bf16 not in ("materialize", "derive"):
         raise MxconvertError("--bf16", f"{bf16!r} is not materialize or derive", "Pick one of the two")
     if not 0 <= bf16_max_tokens < bf16_min_tokens:
-        raise MxconvertError("--bf16-max-tokens", f"{bf16_max_tokens} is not below --bf16-min-tokens {bf16_min_tokens}",
-                             "The native band lies between them; pick max < min")
-    options = dict(long_context=long_context, bf16=bf16, bf16_max_tokens=bf16_max_tokens,
-                   bf16_min_tokens=bf16_min_tokens, max_shard_size=max_shard_size)
+        raise MxconvertError(
+            "--bf16-max-tokens",
+            f"{bf16_max_tokens} is not below --bf16-min-tokens {bf16_min_tokens}",
+            "The native band lies between them; pick max < min",
+        )
+    options = dict(
+        long_context=long_context,
+        bf16=bf16,
+        bf16_max_tokens=bf16_max_tokens,
+        bf16_min_tokens=bf16_min_tokens,
+        max_shard_size=max_shard_size,
+    )
     local_dir, source_id = resolve_model_dir(model_dir, allow_patterns=SOURCE_FILES)
     source = SourceCheckpoint(local_dir)
     plan = make_plan(source, long_context=long_context, bf16=bf16, max_shard_size=parse_size(max_shard_size))
@@ -73,14 +81,21 @@ def convert(
     _replace_quant_config(config, plan, source, options)
     write_json_atomic(out / "config.json", config)
     weight_map = {t.name: shard.name for shard in plan.shards for t in shard.tensors}
-    write_json_atomic(out / fmt.INDEX_NAME, {"metadata": {"total_size": plan.output_bytes},
-                                             "weight_map": dict(sorted(weight_map.items()))})
+    write_json_atomic(
+        out / fmt.INDEX_NAME,
+        {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+    )
     for path in _side_files(local_dir):
         write_atomic(out / path.name, path.read_bytes())
-    write_model_card(out_dir=out, source=str(model_dir), source_repo_id=source_id.get("repo_id"),
-                     source_revision=source_id.get("revision"),
-                     source_card=local_dir / fmt.CARD_NAME if (local_dir / fmt.CARD_NAME).is_file() else None,
-                     options=options, version=__version__)
+    write_model_card(
+        out_dir=out,
+        source=str(model_dir),
+        source_repo_id=source_id.get("repo_id"),
+        source_revision=source_id.get("revision"),
+        source_card=local_dir / fmt.CARD_NAME if (local_dir / fmt.CARD_NAME).is_file() else None,
+        options=options,
+        version=__version__,
+    )
     for path in sorted(out.iterdir()):
         if path.name not in hashes and path.is_file():
             hashes[path.name] = sha256_file(path)
@@ -101,12 +116,15 @@ def _write_shards(source: SourceCheckpoint, plan: Plan, out: Path, *, device: st
     """
     hashes, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over experts instead: no oversubscription of small ops
-    with ThreadPoolExecutor(WORKERS) as pool, ThreadPoolExecutor(1) as finisher, tqdm(
-        total=plan.output_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress
-    ) as bar:
+    with (
+        ThreadPoolExecutor(WORKERS) as pool,
+        ThreadPoolExecutor(1) as finisher,
+        tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar,
+    ):
         finishing = []
-        sink = ShardSet(out, plan, on_full=lambda writer: finishing.append(finisher.submit(writer.finish)),
-                        on_bytes=bar.update)
+        sink = ShardSet(
+            out, plan, on_full=lambda writer: finishing.append(finisher.submit(writer.finish)), on_bytes=bar.update
+        )
         try:
             done_groups = set()
             for t in plan.tensors:
@@ -132,7 +150,9 @@ def _prepare_out_dir(out: Path, source_dir: Path, *, force: bool) -> Path:
         raise MxconvertError(out, f"is, contains or lies inside the source {src}", "Pick an OUT_DIR outside MODEL_DIR")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise MxconvertError(out, "already exists and is not empty", "Pass --force to replace it, or pick another OUT_DIR")
+            raise MxconvertError(
+                out, "already exists and is not empty", "Pass --force to replace it, or pick another OUT_DIR"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -140,19 +160,32 @@ def _prepare_out_dir(out: Path, source_dir: Path, *, force: bool) -> Path:
 
 def _replace_quant_config(config: dict, plan: Plan, source: SourceCheckpoint, options: dict) -> None:
     text = source.text_config
-    activation = {"alpha": text.get("swiglu_alpha", 1.702), "beta": text.get("swiglu_beta", 1.0),
-                  "limit": text.get("swiglu_limit", 7.0)}
+    activation = {
+        "alpha": text.get("swiglu_alpha", 1.702),
+        "beta": text.get("swiglu_beta", 1.0),
+        "limit": text.get("swiglu_limit", 7.0),
+    }
     holder = config if "quantization_config" in config else config.get("text_config", config)
     holder["quantization_config"] = fmt.quantization_config(
-        source=source.quant_config, layers={g.prefix: g.storage for g in plan.groups},
-        bf16_max_tokens=options["bf16_max_tokens"], bf16_min_tokens=options["bf16_min_tokens"],
-        activation=activation, version=__version__)
+        source=source.quant_config,
+        layers={g.prefix: g.storage for g in plan.groups},
+        bf16_max_tokens=options["bf16_max_tokens"],
+        bf16_min_tokens=options["bf16_min_tokens"],
+        activation=activation,
+        version=__version__,
+    )
 
 
 def _side_files(source_dir: Path) -> list[Path]:
     skip = {"config.json", fmt.INDEX_NAME, SINGLE_NAME, fmt.CARD_NAME}
-    return sorted(p for p in source_dir.iterdir() if p.is_file() and p.name not in skip and not p.name.endswith(PARTIAL)
-                  and any(fnmatch.fnmatch(p.name, pat) for pat in SIDE_FILES))
+    return sorted(
+        p
+        for p in source_dir.iterdir()
+        if p.is_file()
+        and p.name not in skip
+        and not p.name.endswith(PARTIAL)
+        and any(fnmatch.fnmatch(p.name, pat) for pat in SIDE_FILES)
+    )
 
 
 def describe(plan: Plan, source: SourceCheckpoint) -> str:

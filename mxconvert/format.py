@@ -36,8 +36,9 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def quantization_config(*, source: dict, layers: dict[str, str], bf16_max_tokens: int,
-                        bf16_min_tokens: int, activation: dict, version: str) -> dict:
+def quantization_config(
+    *, source: dict, layers: dict[str, str], bf16_max_tokens: int, bf16_min_tokens: int, activation: dict, version: str
+) -> dict:
     """The output config's quantization_config: the source's kept inside, the experts' format beside it."""
     return {
         "quant_method": QUANT_METHOD,

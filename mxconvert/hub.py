@@ -22,13 +22,24 @@ REGULAR_FILE_MAX = 10 * 2**20  # the Hub stores larger files through LFS/xet
 RERUN = "run the same command again: files already on the Hub are skipped"
 
 
-def push(*, out_dir: Path, repo_id: str, private: bool = False, revision: str | None = None,
-         token: str | None = None, commit_message: str | None = None, create_pr: bool = False) -> str:
+def push(
+    *,
+    out_dir: Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> str:
     """Upload OUT_DIR to REPO_ID and return the URL of the commit, the pull request, or the repo."""
     out_dir = Path(out_dir)
     if create_pr and revision not in (None, "main"):
-        raise MxconvertError("--create-pr", f"opens a pull request against main, so it cannot go with --revision "
-                             f"{revision}", f"Drop --create-pr to push to branch {revision}, or drop --revision")
+        raise MxconvertError(
+            "--create-pr",
+            f"opens a pull request against main, so it cannot go with --revision {revision}",
+            f"Drop --create-pr to push to branch {revision}, or drop --revision",
+        )
     manifest = verify(out_dir=out_dir, full=True)  # a half-finished conversion never reaches the Hub
     files = {e["name"]: (e["size"], e["sha256"]) for e in manifest["files"]}
     manifest_path = out_dir / fmt.MANIFEST_NAME
@@ -36,13 +47,24 @@ def push(*, out_dir: Path, repo_id: str, private: bool = False, revision: str | 
     check_file_sizes(out_dir=out_dir, sizes={n: size for n, (size, _) in files.items()}, limit=HUB_FILE_LIMIT)
     token = token or get_token()
     if not token:
-        raise MxconvertError("push", "no Hugging Face token",
-                             "Pass --token, set HF_TOKEN, or run `hf auth login` with a token that can write")
+        raise MxconvertError(
+            "push",
+            "no Hugging Face token",
+            "Pass --token, set HF_TOKEN, or run `hf auth login` with a token that can write",
+        )
     api = HfApi(token=token)
     branch = None if create_pr else revision
     try:
-        return _push(api, out_dir, repo_id, files, private, branch, create_pr,
-                     commit_message or f"Upload {repo_id.split('/')[-1]} converted by mxconvert")
+        return _push(
+            api,
+            out_dir,
+            repo_id,
+            files,
+            private,
+            branch,
+            create_pr,
+            commit_message or f"Upload {repo_id.split('/')[-1]} converted by mxconvert",
+        )
     except MxconvertError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure becomes one line that says what to do
@@ -54,18 +76,31 @@ def check_file_sizes(*, out_dir: Path, sizes: dict[str, int], limit: int) -> Non
     over = sorted(name for name, size in sizes.items() if size > limit)
     if over:
         more = f" (so are {len(over) - 1} more: {_names(over[1:])})" if len(over) > 1 else ""
-        raise MxconvertError(Path(out_dir) / over[0],
-                             f"is {_size(sizes[over[0]])}, over the Hub's limit of {_size(limit)} per file{more}",
-                             "Convert again with a smaller --max-shard-size, e.g. 5GB")
+        raise MxconvertError(
+            Path(out_dir) / over[0],
+            f"is {_size(sizes[over[0]])}, over the Hub's limit of {_size(limit)} per file{more}",
+            "Convert again with a smaller --max-shard-size, e.g. 5GB",
+        )
 
 
-def _push(api: HfApi, out_dir: Path, repo_id: str, files: dict, private: bool, branch: str | None,
-          create_pr: bool, message: str) -> str:
+def _push(
+    api: HfApi,
+    out_dir: Path,
+    repo_id: str,
+    files: dict,
+    private: bool,
+    branch: str | None,
+    create_pr: bool,
+    message: str,
+) -> str:
     created = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_url, repo_id = str(created), created.repo_id  # a bare name lands in the token owner's namespace
     if private and api.repo_info(repo_id).private is False:
-        raise MxconvertError(repo_id, "exists and is public, but --private was asked",
-                             "Make it private in its settings on the Hub, or push without --private")
+        raise MxconvertError(
+            repo_id,
+            "exists and is public, but --private was asked",
+            "Make it private in its settings on the Hub, or push without --private",
+        )
     if branch is not None and branch != "main" and not branch.startswith("refs/"):
         api.create_branch(repo_id, branch=branch, exist_ok=True)
     target = branch or "main"  # a new pull request starts from main
@@ -76,21 +111,35 @@ def _push(api: HfApi, out_dir: Path, repo_id: str, files: dict, private: bool, b
         _say(f"Nothing to upload: all {len(files)} files are already on {repo_id} at {target} with the same sha256.")
         return repo_url if target == "main" else f"{repo_url}/tree/{target}"
     if len(missing) < len(files):
-        _say(f"{len(files) - len(missing)} of {len(files)} files are already on {repo_id} at {target} with the same "
-             "sha256: skipped (a previous push got that far).")
+        _say(
+            f"{len(files) - len(missing)} of {len(files)} files are already on {repo_id} at {target} with the same "
+            "sha256: skipped (a previous push got that far)."
+        )
     nbytes = sum(files[name][0] for name in missing)
     where = "a new pull request" if create_pr else target
     _say(f"Uploading {len(missing)} files ({_size(nbytes)}) to {repo_id} at {where}.")
     pr_url = None
     body = [name for name in missing if name != fmt.MANIFEST_NAME]
     if body:
-        info = api.upload_folder(repo_id=repo_id, folder_path=out_dir, allow_patterns=[_literal(n) for n in body],
-                                 revision=branch, create_pr=create_pr, commit_message=message)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=out_dir,
+            allow_patterns=[_literal(n) for n in body],
+            revision=branch,
+            create_pr=create_pr,
+            commit_message=message,
+        )
         if create_pr:  # the manifest follows into the same pull request
             branch, create_pr, pr_url = info.pr_revision, False, info.pr_url
     if fmt.MANIFEST_NAME in missing:  # last: without it the repo is visibly not a finished conversion
-        info = api.upload_folder(repo_id=repo_id, folder_path=out_dir, allow_patterns=[fmt.MANIFEST_NAME],
-                                 revision=branch, create_pr=create_pr, commit_message=f"{message} (manifest)")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=out_dir,
+            allow_patterns=[fmt.MANIFEST_NAME],
+            revision=branch,
+            create_pr=create_pr,
+            commit_message=f"{message} (manifest)",
+        )
     url = pr_url or info.pr_url or info.commit_url
     _say(f"Pushed {len(missing)} files: {url}")
     return url
@@ -104,8 +153,10 @@ def _report_strays(api: HfApi, out_dir: Path, repo_id: str, target: str, files: 
     siblings = api.repo_info(repo_id, revision=target).siblings or []
     stale = sorted(s.rfilename for s in siblings if s.rfilename not in files and s.rfilename != ".gitattributes")
     if stale:
-        _say(f"On {repo_id} at {target} but not in this conversion, left in place: {_names(stale)} "
-             "(delete them on the Hub if an older conversion left them)")
+        _say(
+            f"On {repo_id} at {target} but not in this conversion, left in place: {_names(stale)} "
+            "(delete them on the Hub if an older conversion left them)"
+        )
 
 
 def _names(names: list[str], shown: int = 5) -> str:
@@ -122,7 +173,7 @@ def _remote_files(api: HfApi, repo_id: str, revision: str, paths: list[str]) -> 
     """path -> RepoFile for those of `paths` present on the Hub at `revision`."""
     found = {}
     for i in range(0, len(paths), PATHS_INFO_BATCH):
-        for entry in api.get_paths_info(repo_id, paths[i:i + PATHS_INFO_BATCH], revision=revision):
+        for entry in api.get_paths_info(repo_id, paths[i : i + PATHS_INFO_BATCH], revision=revision):
             if getattr(entry, "size", None) is not None:  # files only, not folders
                 found[entry.path] = entry
     return found
@@ -175,30 +226,46 @@ def explain(error: BaseException, *, repo_id: str, endpoint: str) -> MxconvertEr
     http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
     status = http.response.status_code if http is not None else None
     if any(isinstance(e, _transport_errors()) for e in chain) and status is None:
-        return MxconvertError(endpoint, f"cannot be reached ({type(chain[-1]).__name__})",
-                              f"Check the network (and HF_ENDPOINT), then {RERUN}")
+        return MxconvertError(
+            endpoint,
+            f"cannot be reached ({type(chain[-1]).__name__})",
+            f"Check the network (and HF_ENDPOINT), then {RERUN}",
+        )
     if status == 401:
-        return MxconvertError(repo_id, "the Hub refused the token (401)",
-                              "Pass a valid --token, set HF_TOKEN, or run `hf auth login`")
+        return MxconvertError(
+            repo_id, "the Hub refused the token (401)", "Pass a valid --token, set HF_TOKEN, or run `hf auth login`"
+        )
     if status == 403:
-        return MxconvertError(repo_id, "this token may not write there (403): the namespace belongs to someone "
-                              "else, or the token is read-only",
-                              "Push to a namespace you own, or use a token with write access to it")
+        return MxconvertError(
+            repo_id,
+            "this token may not write there (403): the namespace belongs to someone else, or the token is read-only",
+            "Push to a namespace you own, or use a token with write access to it",
+        )
     if any(isinstance(e, RevisionNotFoundError) for e in chain):
         return MxconvertError(repo_id, "the branch does not exist", "Check --revision (refs/pr/N for a pull request)")
     if any(isinstance(e, RepositoryNotFoundError) for e in chain) or status == 404:
         return MxconvertError(repo_id, "not found, or not visible to this token", "Check the repo id and the token")
     if status == 429:
         wait = http.response.headers.get("Retry-After")
-        return MxconvertError(repo_id, "the Hub is rate-limiting this account (429)",
-                              f"Wait {f'{wait} seconds' if wait else 'a few minutes'}, then {RERUN}")
+        return MxconvertError(
+            repo_id,
+            "the Hub is rate-limiting this account (429)",
+            f"Wait {f'{wait} seconds' if wait else 'a few minutes'}, then {RERUN}",
+        )
     if status is not None and status >= 500:
-        return MxconvertError(repo_id, f"the Hub failed with {status} and the upload stopped",
-                              f"Wait a little, then {RERUN}")
+        return MxconvertError(
+            repo_id, f"the Hub failed with {status} and the upload stopped", f"Wait a little, then {RERUN}"
+        )
     first = str(chain[0]).strip().splitlines()
     detail = next((line for line in first if line.strip()), type(chain[0]).__name__)
     if isinstance(chain[0], ValueError) and "README.md" in str(chain[0]):  # the Hub's validate-yaml said no
-        return MxconvertError(fmt.CARD_NAME, f"the Hub rejects its metadata: {' '.join(first[1:]) or detail}",
-                              "Report this as an mxconvert bug; the card is written by the converter")
-    return MxconvertError(repo_id, f"the push stopped: {detail}" + (f" ({status})" if status else ""),
-                          f"Fix that if it is on your side, then {RERUN}")
+        return MxconvertError(
+            fmt.CARD_NAME,
+            f"the Hub rejects its metadata: {' '.join(first[1:]) or detail}",
+            "Report this as an mxconvert bug; the card is written by the converter",
+        )
+    return MxconvertError(
+        repo_id,
+        f"the push stopped: {detail}" + (f" ({status})" if status else ""),
+        f"Fix that if it is on your side, then {RERUN}",
+    )

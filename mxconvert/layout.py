@@ -104,8 +104,9 @@ def _fix_zero_exponent(v: np.ndarray, s: np.ndarray, bits: np.ndarray) -> None:
     if count == 0:
         return
     if count > v.size // 64:  # dense: every element, kept where masked
-        value = np.ldexp((v & 0x07).astype(np.float32).reshape(n, k // BLOCK, BLOCK),
-                         (s.astype(np.int32) - 137)[:, :, None])
+        value = np.ldexp(
+            (v & 0x07).astype(np.float32).reshape(n, k // BLOCK, BLOCK), (s.astype(np.int32) - 137)[:, :, None]
+        )
         fixed = (value.view(np.uint32) >> 16).astype(np.uint16).reshape(n, k) | ((v & 0x80).astype(np.uint16) << 8)
         np.copyto(bits, fixed, where=mask)
         return

@@ -23,7 +23,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(out_dir: Path, *, options: dict, source: SourceCheckpoint, source_id: dict, files: dict[str, str]) -> None:
+def write_manifest(
+    out_dir: Path, *, options: dict, source: SourceCheckpoint, source_id: dict, files: dict[str, str]
+) -> None:
     """files: output file name -> sha256. The manifest names itself nowhere and is renamed into place last."""
     manifest = {
         "format_version": fmt.FORMAT_VERSION,
@@ -44,15 +46,21 @@ def write_manifest(out_dir: Path, *, options: dict, source: SourceCheckpoint, so
 def load_manifest(out_dir: Path) -> dict:
     path = Path(out_dir) / fmt.MANIFEST_NAME
     if not path.is_file():
-        raise MxconvertError(out_dir, f"has no {fmt.MANIFEST_NAME}, so it is not a finished conversion",
-                             "Run the conversion (again) into this directory")
+        raise MxconvertError(
+            out_dir,
+            f"has no {fmt.MANIFEST_NAME}, so it is not a finished conversion",
+            "Run the conversion (again) into this directory",
+        )
     try:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise MxconvertError(path, f"is not valid JSON ({e})", "Run the conversion again") from e
     if manifest.get("format_version") != fmt.FORMAT_VERSION:
-        raise MxconvertError(path, f"format_version {manifest.get('format_version')!r} is unknown to mxconvert {__version__}",
-                             f"Use the mxconvert version that wrote it, or convert again")
+        raise MxconvertError(
+            path,
+            f"format_version {manifest.get('format_version')!r} is unknown to mxconvert {__version__}",
+            "Use the mxconvert version that wrote it, or convert again",
+        )
     return manifest
 
 
@@ -69,7 +77,9 @@ def verify(*, out_dir: Path, source: Path | None = None, full: bool = True) -> d
         if not path.is_file() or path.stat().st_size != entry["size"]:
             raise MxconvertError(path, "is missing or its size differs from the manifest", "Convert again")
         if full and sha256_file(path) != entry["sha256"]:
-            raise MxconvertError(path, "sha256 differs from the manifest (the file changed or is corrupt)", "Convert again")
+            raise MxconvertError(
+                path, "sha256 differs from the manifest (the file changed or is corrupt)", "Convert again"
+            )
     tensors = _check_index(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
     _check_format(config["quantization_config"], tensors)
@@ -89,7 +99,9 @@ def _check_index(out_dir: Path) -> dict[str, tuple[Path, dict, int]]:
         header, start, _ = read_header(out_dir / shard)
         names = {n for n, s in weight_map.items() if s == shard}
         if set(header) != names:
-            raise MxconvertError(out_dir / shard, f"holds {sorted(set(header) ^ names)[:3]} unlike the index", "Convert again")
+            raise MxconvertError(
+                out_dir / shard, f"holds {sorted(set(header) ^ names)[:3]} unlike the index", "Convert again"
+            )
         for name, entry in header.items():
             tensors[name] = (out_dir / shard, entry, start)
             total += entry["data_offsets"][1] - entry["data_offsets"][0]
@@ -111,7 +123,11 @@ def _check_format(quant: dict, tensors: dict) -> None:
             dtype, shape = fmt.EXPERT_TENSORS[kind]
             entry = tensors[f"{prefix}.{kind}"][1]
             if entry["dtype"] != dtype or tuple(entry["shape"]) != shape(E, H, I):
-                raise MxconvertError(f"{prefix}.{kind}", f"is {entry['dtype']} {entry['shape']}, expected {dtype} {list(shape(E, H, I))}", "Convert again")
+                raise MxconvertError(
+                    f"{prefix}.{kind}",
+                    f"is {entry['dtype']} {entry['shape']}, expected {dtype} {list(shape(E, H, I))}",
+                    "Convert again",
+                )
 
 
 def _read(path: Path, entry: dict, start: int, offset: int, nbytes: int) -> torch.Tensor:
@@ -154,14 +170,23 @@ def _compare_with_source(out_dir: Path, tensors: dict, quant: dict, src: SourceC
                 if f"{stack}_weight" in got:
                     values, packed = got[f"{stack}_weight"], got[f"{stack}_weight_scale"]
                     scales = layout.unpack_scales(packed)
-                    ok = (torch.equal(values, fnuz_values) and torch.equal(scales, fnuz_scales)
-                          and torch.equal(layout.dequantize(values, scales, fnuz=True), want))
+                    ok = (
+                        torch.equal(values, fnuz_values)
+                        and torch.equal(scales, fnuz_scales)
+                        and torch.equal(layout.dequantize(values, scales, fnuz=True), want)
+                    )
                     if not ok:
-                        raise MxconvertError(f"{prefix}.{stack}_weight", f"expert {e} differs from the source", "Convert again")
+                        raise MxconvertError(
+                            f"{prefix}.{stack}_weight", f"expert {e} differs from the source", "Convert again"
+                        )
                 if f"{stack}_weight_bf16" in got:
                     bf16 = got[f"{stack}_weight_bf16"]
                     # bit for bit: the FNUZ value rounded (source -0 is +0 there, as FORMAT.md says)
                     rounded = layout.dequantize(fnuz_values, fnuz_scales, fnuz=True).to(torch.bfloat16)
                     if not torch.equal(bf16.view(torch.int16), rounded.view(torch.int16)):
-                        raise MxconvertError(f"{prefix}.{stack}_weight_bf16", f"expert {e} is not the rounded source value", "Convert again")
+                        raise MxconvertError(
+                            f"{prefix}.{stack}_weight_bf16",
+                            f"expert {e} is not the rounded source value",
+                            "Convert again",
+                        )
     src.close()

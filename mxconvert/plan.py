@@ -88,7 +88,17 @@ def parse_size(text: str | int) -> int:
     if not m or float(m[1]) <= 0:
         raise MxconvertError("--max-shard-size", f"{text!r} is not a size", "Write it like 5GB, 500MB or 2GiB")
     unit = m[2].rstrip("B") or "B"
-    scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    scale = {
+        "B": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }
     return int(float(m[1]) * scale[unit])
 
 
@@ -112,24 +122,39 @@ def _check_group(group: ExpertGroup, num_experts: int | None) -> tuple[int, int,
             weight, scale = group.experts.get(e, {}).get(proj, (None, None))
             if weight is None or scale is None:
                 what = "weight" if weight is None else "weight scale"
-                raise MxconvertError(f"{group.prefix}.{e}", f"{proj} {what} is missing from the checkpoint",
-                                     "Re-download the checkpoint; every expert needs w1, w2, w3 and their scales")
+                raise MxconvertError(
+                    f"{group.prefix}.{e}",
+                    f"{proj} {what} is missing from the checkpoint",
+                    "Re-download the checkpoint; every expert needs w1, w2, w3 and their scales",
+                )
     if max(group.experts) >= count:
-        raise MxconvertError(group.prefix, f"has expert {max(group.experts)} but the config says {count} experts",
-                             "Check num_local_experts in config.json")
+        raise MxconvertError(
+            group.prefix,
+            f"has expert {max(group.experts)} but the config says {count} experts",
+            "Check num_local_experts in config.json",
+        )
     gate = group.experts[0]["gate"][0]
     inter, hidden = gate.shape if len(gate.shape) == 2 else (0, 0)
     if hidden % BLOCK or inter % BLOCK or not hidden or not inter:
-        raise MxconvertError(gate.name, f"shape {list(gate.shape)} is not [I, H] with I and H multiples of {BLOCK}",
-                             "Only MXFP8 checkpoints with 32-aligned sizes can be converted")
+        raise MxconvertError(
+            gate.name,
+            f"shape {list(gate.shape)} is not [I, H] with I and H multiples of {BLOCK}",
+            "Only MXFP8 checkpoints with 32-aligned sizes can be converted",
+        )
     want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
     for e in range(count):
         for proj, (rows, cols) in want.items():
             weight, scale = group.experts[e][proj]
-            for info, dtypes, shape in ((weight, (VALUE_DTYPE,), (rows, cols)), (scale, SCALE_DTYPES, (rows, cols // BLOCK))):
+            for info, dtypes, shape in (
+                (weight, (VALUE_DTYPE,), (rows, cols)),
+                (scale, SCALE_DTYPES, (rows, cols // BLOCK)),
+            ):
                 if info.dtype not in dtypes or info.shape != shape:
-                    raise MxconvertError(info.name, f"is {info.dtype} {list(info.shape)}, expected {dtypes[0]} {list(shape)}",
-                                         "The checkpoint is not MiniMax-M3 MXFP8-shaped; re-download it")
+                    raise MxconvertError(
+                        info.name,
+                        f"is {info.dtype} {list(info.shape)}, expected {dtypes[0]} {list(shape)}",
+                        "The checkpoint is not MiniMax-M3 MXFP8-shaped; re-download it",
+                    )
     return count, hidden, inter
 
 
@@ -156,8 +181,12 @@ def make_plan(source: SourceCheckpoint, *, long_context: bool, bf16: str, max_sh
             g = groups.pop(prefix)
             for kind in sorted(fmt.STORED[g.storage], key=WRITE_ORDER.index):
                 dtype, shape = fmt.EXPERT_TENSORS[kind]
-                outputs.append(OutputTensor(f"{prefix}.{kind}", dtype, shape(g.num_experts, g.hidden, g.inter), group=g, kind=kind))
-    planned = sorted({t.group.prefix: t.group for t in outputs if t.group}.values(), key=lambda g: _natural_key(g.prefix))
+                outputs.append(
+                    OutputTensor(f"{prefix}.{kind}", dtype, shape(g.num_experts, g.hidden, g.inter), group=g, kind=kind)
+                )
+    planned = sorted(
+        {t.group.prefix: t.group for t in outputs if t.group}.values(), key=lambda g: _natural_key(g.prefix)
+    )
     return Plan(planned, _assign_shards(outputs, max_shard_size))
 
 

@@ -52,8 +52,11 @@ def _read_checked(source: SourceCheckpoint, infos: list[TensorInfo], *, scale: b
         bad = layout.first_bad_scale(part) if scale else layout.first_bad_value(part)
         if bad is not None:
             r, c = divmod(bad, part.shape[1])
-            why = (f"scale byte {int(part[r, c])} at [{r}, {c}] has no E4M3FNUZ counterpart (max 253)"
-                   if scale else f"value byte 0x{int(part[r, c]):02X} at [{r}, {c}] is NaN in E4M3FN")
+            why = (
+                f"scale byte {int(part[r, c])} at [{r}, {c}] has no E4M3FNUZ counterpart (max 253)"
+                if scale
+                else f"value byte 0x{int(part[r, c]):02X} at [{r}, {c}] is NaN in E4M3FN"
+            )
             raise MxconvertError(info.name, why, "The source checkpoint is corrupt or not MXFP8; re-download it")
         row += info.shape[0]
     return out
@@ -82,8 +85,16 @@ def read_scales(source: SourceCheckpoint, group: PlannedGroup) -> dict[str, torc
     return scales
 
 
-def write_expert(source: SourceCheckpoint, group: PlannedGroup, e: int, stack: str, scales: torch.Tensor,
-                 sink: ShardSet, *, device: str) -> None:
+def write_expert(
+    source: SourceCheckpoint,
+    group: PlannedGroup,
+    e: int,
+    stack: str,
+    scales: torch.Tensor,
+    sink: ShardSet,
+    *,
+    device: str,
+) -> None:
     """Expert e's slice of one stack (w13 or w2): FNUZ values and BF16 copies as the storage says."""
     stored, projs = fmt.STORED[group.storage], dict(STACKS)[stack]
     infos = [group.source.experts[e][p][0] for p in projs]
@@ -95,8 +106,9 @@ def write_expert(source: SourceCheckpoint, group: PlannedGroup, e: int, stack: s
         sink.write(f"{group.prefix}.{stack}_weight_bf16", e * values.numel() * 2, _bf16(values, scales, device))
 
 
-def write_group(source: SourceCheckpoint, group: PlannedGroup, sink: ShardSet, *, device: str, pool: Executor,
-                in_flight: int) -> None:
+def write_group(
+    source: SourceCheckpoint, group: PlannedGroup, sink: ShardSet, *, device: str, pool: Executor, in_flight: int
+) -> None:
     """A group's packed scales, then each stack's experts on the pool, at most `in_flight` at a time.
 
     Stack by stack, so that at any time few tensors fill at once, each in order: the shard hash then
@@ -112,7 +124,9 @@ def write_group(source: SourceCheckpoint, group: PlannedGroup, sink: ShardSet, *
             for e in range(group.num_experts):
                 if len(pending) >= in_flight:
                     pending.popleft().result()
-                pending.append(pool.submit(write_expert, source, group, e, stack, scales[stack][e], sink, device=device))
+                pending.append(
+                    pool.submit(write_expert, source, group, e, stack, scales[stack][e], sink, device=device)
+                )
         while pending:
             pending.popleft().result()
     except BaseException:

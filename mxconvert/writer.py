@@ -27,7 +27,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
     except OSError as e:
-        raise MxconvertError(path, f"write failed ({e.strerror})", "Free disk space or pick another OUT_DIR, then run again") from e
+        raise MxconvertError(
+            path, f"write failed ({e.strerror})", "Free disk space or pick another OUT_DIR, then run again"
+        ) from e
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,7 +146,9 @@ class ShardSet:
     """All shards of a plan, written from several threads; a shard is opened when first written and
     handed to on_full (which finishes it) once its last byte is in."""
 
-    def __init__(self, out_dir: Path, plan: Plan, on_full: Callable[[ShardWriter], None], on_bytes: Callable[[int], None]):
+    def __init__(
+        self, out_dir: Path, plan: Plan, on_full: Callable[[ShardWriter], None], on_bytes: Callable[[int], None]
+    ):
         self.out_dir, self.on_full, self.on_bytes = out_dir, on_full, on_bytes
         self.shard_of = {t.name: shard for shard in plan.shards for t in shard.tensors}
         self.open: dict[str, ShardWriter] = {}

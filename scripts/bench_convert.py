@@ -85,8 +85,19 @@ def run_conversion(src: Path, out: Path, *, bf16: str, max_shard_size: str, via:
     if via == "api":
         cmd = [sys.executable, "-c", CHILD, str(src), str(out), bf16, max_shard_size]
     else:
-        cmd = [sys.executable, "-m", "mxconvert.cli", str(src), str(out), "--force", "--no-progress",
-               "--bf16", bf16, "--max-shard-size", max_shard_size]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mxconvert.cli",
+            str(src),
+            str(out),
+            "--force",
+            "--no-progress",
+            "--bf16",
+            bf16,
+            "--max-shard-size",
+            max_shard_size,
+        ]
     with tempfile.TemporaryFile("w+") as log:
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -100,8 +111,12 @@ def run_conversion(src: Path, out: Path, *, bf16: str, max_shard_size: str, via:
     if child.returncode != 0:
         sys.exit(f"bench_convert: the converter failed ({child.returncode}):\n{text[-4000:]}")
     io = next((json.loads(line[9:]) for line in text.splitlines() if line.startswith("BENCH_IO ")), {})
-    return {"wall_s": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "proc_io": io}
+    return {
+        "wall_s": seconds,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "proc_io": io,
+    }
 
 
 def main(argv=None) -> dict:
@@ -109,10 +124,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=1, help="full-size MoE layers (after 3 tiny dense ones)")
     ap.add_argument("--bf16", choices=["materialize", "derive"], default="materialize")
     ap.add_argument("--max-shard-size", default="5GB")
-    ap.add_argument("--fp8-values", choices=["mxfp8", "uniform"], default="mxfp8",
-                    help="expert bytes as real MXFP8 weights have them, or every code alike")
-    ap.add_argument("--via", choices=["api", "cli"], default="api",
-                    help="child runs mxconvert.convert.convert (with /proc I/O counters) or the CLI")
+    ap.add_argument(
+        "--fp8-values",
+        choices=["mxfp8", "uniform"],
+        default="mxfp8",
+        help="expert bytes as real MXFP8 weights have them, or every code alike",
+    )
+    ap.add_argument(
+        "--via",
+        choices=["api", "cli"],
+        default="api",
+        help="child runs mxconvert.convert.convert (with /proc I/O counters) or the CLI",
+    )
     ap.add_argument("--workdir", help="where the synthetic checkpoint and output go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and output")
     ap.add_argument("--no-fsync", dest="fsync", action="store_false", help="do not fsync inside the timings")
@@ -129,19 +152,34 @@ def main(argv=None) -> dict:
     src, out = work / "src", work / "out"
     try:
         t0 = time.perf_counter()
-        make_tiny_checkpoint(src, seed=0, hidden_size=H, intermediate_size=I, num_experts=E, top_k=4,
-                             num_hidden_layers=3 + args.layers, num_dense_layers=3, mtp=False,
-                             num_shards=max(2, math.ceil(in_est / 5e9)), dense_intermediate_size=64,
-                             shared_intermediate_size=64, num_attention_heads=1, num_key_value_heads=1,
-                             head_dim=128, vocab_size=256, fp8_values=args.fp8_values)
+        make_tiny_checkpoint(
+            src,
+            seed=0,
+            hidden_size=H,
+            intermediate_size=I,
+            num_experts=E,
+            top_k=4,
+            num_hidden_layers=3 + args.layers,
+            num_dense_layers=3,
+            mtp=False,
+            num_shards=max(2, math.ceil(in_est / 5e9)),
+            dense_intermediate_size=64,
+            shared_intermediate_size=64,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=128,
+            vocab_size=256,
+            fp8_values=args.fp8_values,
+        )
         fsync_files(files_of(src))
         gen_s = time.perf_counter() - t0
         in_files = files_of(src, "*.safetensors")
         in_bytes = sum(p.stat().st_size for p in in_files)
 
         fsync_files(in_files, evict=True)
-        conv = run_conversion(src, out, bf16=args.bf16, max_shard_size=args.max_shard_size, via=args.via,
-                              fsync=args.fsync)
+        conv = run_conversion(
+            src, out, bf16=args.bf16, max_shard_size=args.max_shard_size, via=args.via, fsync=args.fsync
+        )
         out_files = files_of(out)
         conv.update(read_bytes=in_bytes, written_bytes=sum(p.stat().st_size for p in out_files))
         fsync_files(in_files, evict=True)
@@ -157,20 +195,33 @@ def main(argv=None) -> dict:
         r["read_GBps"] = r["read_bytes"] / r["wall_s"] / 1e9
         r["write_GBps"] = r["written_bytes"] / r["wall_s"] / 1e9
     result = {
-        "layers": args.layers, "bf16": args.bf16, "fp8_values": args.fp8_values, "via": args.via, "fsync": args.fsync,
-        "shape": {"hidden": H, "intermediate": I, "experts": E}, "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(), "generate_s": gen_s, **rows,
+        "layers": args.layers,
+        "bf16": args.bf16,
+        "fp8_values": args.fp8_values,
+        "via": args.via,
+        "fsync": args.fsync,
+        "shape": {"hidden": H, "intermediate": I, "experts": E},
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "generate_s": gen_s,
+        **rows,
         "ratio_write_throughput_vs_copy": conv["write_GBps"] / copy_out["write_GBps"],
         "ratio_read_throughput_vs_copy": conv["read_GBps"] / copy_in["read_GBps"],
         "workdir": str(work) if args.keep else None,
     }
-    print(f"synthetic checkpoint: {args.layers} MoE layer(s) of {E} x 3 x {H} x {I}, {in_bytes / 1e9:.2f} GB in "
-          f"{len(in_files)} shards, written in {gen_s:.1f} s; bf16={args.bf16}, fsync={args.fsync}")
-    print(f"{'':<26}{'read GB':>9}{'written GB':>12}{'wall s':>9}{'read GB/s':>11}{'write GB/s':>12}{'peak RSS GB':>13}")
+    print(
+        f"synthetic checkpoint: {args.layers} MoE layer(s) of {E} x 3 x {H} x {I}, {in_bytes / 1e9:.2f} GB in "
+        f"{len(in_files)} shards, written in {gen_s:.1f} s; bf16={args.bf16}, fsync={args.fsync}"
+    )
+    print(
+        f"{'':<26}{'read GB':>9}{'written GB':>12}{'wall s':>9}{'read GB/s':>11}{'write GB/s':>12}{'peak RSS GB':>13}"
+    )
     for name, r in rows.items():
         rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" if "peak_rss_bytes" in r else "-"
-        print(f"{name:<26}{r['read_bytes'] / 1e9:>9.2f}{r['written_bytes'] / 1e9:>12.2f}{r['wall_s']:>9.1f}"
-              f"{r['read_GBps']:>11.3f}{r['write_GBps']:>12.3f}{rss:>13}")
+        print(
+            f"{name:<26}{r['read_bytes'] / 1e9:>9.2f}{r['written_bytes'] / 1e9:>12.2f}{r['wall_s']:>9.1f}"
+            f"{r['read_GBps']:>11.3f}{r['write_GBps']:>12.3f}{rss:>13}"
+        )
     print(f"conversion / plain copy, bytes written per second: {result['ratio_write_throughput_vs_copy']:.2f}")
     print(f"conversion / plain copy, bytes read per second: {result['ratio_read_throughput_vs_copy']:.2f}")
     print(f"conversion child: {conv['cpu_s']:.1f} s CPU; /proc/self/io {conv['proc_io'] or 'n/a (--via cli)'}")

@@ -41,7 +41,10 @@ def bench(fn, graph=True):
 
 def limits():
     n = 1 << 30
-    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda").random_(), torch.empty(n, dtype=torch.uint8, device="cuda")
+    src, dst = (
+        torch.empty(n, dtype=torch.uint8, device="cuda").random_(),
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+    )
     copy_gbs = 2 * n / (bench(lambda: dst.copy_(src), graph=False) * 1e-6) / 1e9
     m = 8192
     a = torch.randn(m, m, device="cuda").to(torch.float8_e4m3fn)
@@ -55,10 +58,13 @@ def make_weights(e, h, i):
     def fp8(n, k):
         v = (torch.randn(e, n, k, device="cuda") * 16).clamp(-224, 224).to(torch.float8_e4m3fnuz).view(torch.uint8)
         return v, torch.randint(118, 125, (e, k // 32, n), dtype=torch.uint8, device="cuda")
+
     w13, s13 = fp8(2 * i, h)
     w2, s2 = fp8(h, i)
-    bf = [torch.cat([dequantize_bf16(v[j:j + 8], unpack_scales(s[j:j + 8])) for j in range(0, e, 8)])
-          for v, s in ((w13, s13), (w2, s2))]
+    bf = [
+        torch.cat([dequantize_bf16(v[j : j + 8], unpack_scales(s[j : j + 8])) for j in range(0, e, 8)])
+        for v, s in ((w13, s13), (w2, s2))
+    ]
     return dict(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2), dict(w13_bf16=bf[0], w2_bf16=bf[1])
 
 
@@ -122,17 +128,32 @@ def table(shapes, tokens, copy_gbs, fp8_tflops):
                     print(f"{name} T={t} {p}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                     continue
                 gbs = bytes_[kind] / (us * 1e3)
-                res[p] = dict(us=us, gbs=gbs, tflops=flops / (us * 1e6), bw_frac=gbs / copy_gbs,
-                              fp8_frac=flops / (us * 1e6) / fp8_tflops)
+                res[p] = dict(
+                    us=us,
+                    gbs=gbs,
+                    tflops=flops / (us * 1e6),
+                    bw_frac=gbs / copy_gbs,
+                    fp8_frac=flops / (us * 1e6) / fp8_tflops,
+                )
             kn = res.pop("grouped_mm_bf16_kn", None)
             if kn and ("grouped_mm_bf16" not in res or kn["us"] < res["grouped_mm_bf16"]["us"]):
                 res["grouped_mm_bf16"] = dict(kn, layout="[E, K, N] contiguous")
             base = res.get("grouped_mm_bf16", {}).get("us")
             for p in res:
                 res[p]["speedup"] = base / res[p]["us"] if base else None
-            rows.append(dict(shape=name, tokens=t, experts_touched=touched, floor_us=floor, paths=res,
-                             grouped_mm_gemms_only_us=gemms_us))
-            line = f"gmm-gemms-only={gemms_us:.1f}us " + " ".join(f"{p}={r['us']:.1f}us({r['speedup']:.2f}x)" for p, r in res.items() if r["speedup"])
+            rows.append(
+                dict(
+                    shape=name,
+                    tokens=t,
+                    experts_touched=touched,
+                    floor_us=floor,
+                    paths=res,
+                    grouped_mm_gemms_only_us=gemms_us,
+                )
+            )
+            line = f"gmm-gemms-only={gemms_us:.1f}us " + " ".join(
+                f"{p}={r['us']:.1f}us({r['speedup']:.2f}x)" for p, r in res.items() if r["speedup"]
+            )
             print(f"{name} T={t} floor={floor:.1f}us {line}", flush=True)
         del fp8, bf, w13t, w2t, w13c, w2c
         torch.cuda.empty_cache()
@@ -140,21 +161,37 @@ def table(shapes, tokens, copy_gbs, fp8_tflops):
 
 
 def print_table(rows, copy_gbs, fp8_tflops):
-    print(f"\ndevice: {torch.cuda.get_device_name()}  copy {copy_gbs:.0f} GB/s  _scaled_mm FP8 8192^3 "
-          f"{fp8_tflops:.0f} TFLOP/s  native mode: {cfg.native_mode()}")
+    print(
+        f"\ndevice: {torch.cuda.get_device_name()}  copy {copy_gbs:.0f} GB/s  _scaled_mm FP8 8192^3 "
+        f"{fp8_tflops:.0f} TFLOP/s  native mode: {cfg.native_mode()}"
+    )
     print("| shape | T | path | us | x grouped_mm | GB/s weights | % copy BW | TFLOP/s | % FP8 peak | floor us |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for p, v in r["paths"].items():
-            print(f"| {r['shape']} | {r['tokens']} | {p} | {v['us']:.1f} | {v['speedup']:.2f} | {v['gbs']:.0f} | "
-                  f"{100 * v['bw_frac']:.0f} | {v['tflops']:.1f} | {100 * v['fp8_frac']:.1f} | {r['floor_us']:.1f} |")
+            print(
+                f"| {r['shape']} | {r['tokens']} | {p} | {v['us']:.1f} | {v['speedup']:.2f} | {v['gbs']:.0f} | "
+                f"{100 * v['bw_frac']:.0f} | {v['tflops']:.1f} | {100 * v['fp8_frac']:.1f} | {r['floor_us']:.1f} |"
+            )
 
 
 SWAP = [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4), (256, 128, 4, 3), (128, 128, 8, 4)]
-PLAIN = [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4),
-         (256, 64, 8, 4), (128, 128, 4, 4)]
-BM_TOKENS = {16: [1, 8, 32, 128, 512, 1024], 32: [128, 512, 1024, 4096], 64: [512, 1024, 4096, 8192],
-             128: [1024, 4096, 8192]}
+PLAIN = [
+    (64, 128, 4, 3),
+    (128, 64, 4, 4),
+    (128, 128, 8, 3),
+    (64, 64, 4, 4),
+    (256, 64, 8, 3),
+    (128, 64, 8, 4),
+    (256, 64, 8, 4),
+    (128, 128, 4, 4),
+]
+BM_TOKENS = {
+    16: [1, 8, 32, 128, 512, 1024],
+    32: [128, 512, 1024, 4096],
+    64: [512, 1024, 4096, 8192],
+    128: [1024, 4096, 8192],
+}
 
 
 def sweep(tokens, modes, swap_only=False):
@@ -184,8 +221,18 @@ def sweep(tokens, modes, swap_only=False):
                 for gemm, a, s, b, bs, div in (("gemm1", a1, s1, b1, bs1, k), ("gemm2", a2, s2, b2, bs2, 1)):
                     best = None
                     for tile in tiles:
-                        fn = lambda: moe_gemm(a, b, align=al, num_pairs=p, a_div=div, tile=tile, mode=mode,
-                                              a_scale=s, b_scale=bs, topk_weights=w.reshape(-1) if div == 1 else None)
+                        fn = lambda: moe_gemm(
+                            a,
+                            b,
+                            align=al,
+                            num_pairs=p,
+                            a_div=div,
+                            tile=tile,
+                            mode=mode,
+                            a_scale=s,
+                            b_scale=bs,
+                            topk_weights=w.reshape(-1) if div == 1 else None,
+                        )
                         try:
                             us = bench(fn)
                         except Exception as exc:
@@ -203,12 +250,17 @@ def sweep(tokens, modes, swap_only=False):
                     key = (r["block_m"], r["gemm"])
                     if key not in best or r["us"] < best[key]["us"]:
                         best[key] = r
-            sums = {bm: best[(bm, "gemm1")]["us"] + best[(bm, "gemm2")]["us"] for bm, g in best
-                    if g == "gemm1" and (bm, "gemm2") in best}
+            sums = {
+                bm: best[(bm, "gemm1")]["us"] + best[(bm, "gemm2")]["us"]
+                for bm, g in best
+                if g == "gemm1" and (bm, "gemm2") in best
+            }
             if sums:
                 bm = min(sums, key=sums.get)
-                print(f"SUMMARY {mode} T={t} bm={bm} {sums[bm]:.1f}us g1={best[(bm, 'gemm1')]['tile']} "
-                      f"{best[(bm, 'gemm1')]['us']:.1f} g2={best[(bm, 'gemm2')]['tile']} {best[(bm, 'gemm2')]['us']:.1f}")
+                print(
+                    f"SUMMARY {mode} T={t} bm={bm} {sums[bm]:.1f}us g1={best[(bm, 'gemm1')]['tile']} "
+                    f"{best[(bm, 'gemm1')]['us']:.1f} g2={best[(bm, 'gemm2')]['tile']} {best[(bm, 'gemm2')]['us']:.1f}"
+                )
     return out
 
 
@@ -225,8 +277,14 @@ def main():
     t0 = time.time()
     copy_gbs, fp8_tflops = limits()
     print(f"copy {copy_gbs:.0f} GB/s, _scaled_mm FP8 {fp8_tflops:.0f} TFLOP/s", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  copy_gbs=copy_gbs, scaled_mm_fp8_tflops=fp8_tflops, native_mode=cfg.native_mode())
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        copy_gbs=copy_gbs,
+        scaled_mm_fp8_tflops=fp8_tflops,
+        native_mode=cfg.native_mode(),
+    )
     if args.sweep:
         result["sweep"] = sweep(tokens, args.modes.split(","), args.swap_only)
     else:

@@ -21,8 +21,11 @@ import numpy as np
 EDGE_FP8 = [0x80, 0x7E, 0xFE, 0x00, *range(0x01, 0x08), *range(0x81, 0x88)]  # -0, 448, -448, 0, subnormals
 EDGE_SCALE = [0, 1, 127, 253]
 NOT_COPIED = "original/notes.bin"  # neither weights nor a side file: the converter must not copy it
-EXPERT_NAMES = {"minimax": ("w1", "w3", "w2"), "compressed": ("w1", "w3", "w2"),
-                "hf": ("gate_proj", "up_proj", "down_proj")}  # (gate, up, down)
+EXPERT_NAMES = {
+    "minimax": ("w1", "w3", "w2"),
+    "compressed": ("w1", "w3", "w2"),
+    "hf": ("gate_proj", "up_proj", "down_proj"),
+}  # (gate, up, down)
 DTYPE_BYTES = {"F8_E4M3": 1, "U8": 1, "BF16": 2, "F32": 4}
 
 
@@ -37,8 +40,9 @@ def _experts(specs, prefix, n, h, i, names, scale_suffix):
             _mx(specs, f"{prefix}.experts.{e}.{proj}", out, inp, scale_suffix)
 
 
-def planted_bytes(*, hidden_size=160, intermediate_size=96, num_experts=8, num_dense_layers=3,
-                  naming="minimax", scale_suffix=None):
+def planted_bytes(
+    *, hidden_size=160, intermediate_size=96, num_experts=8, num_dense_layers=3, naming="minimax", scale_suffix=None
+):
     """[(tensor name, row, col, byte)] of the edge bytes planted in the first MoE layer's experts.
 
     Expert 0 gate row 0 starts with EDGE_FP8 (under random scales: every value exact in BF16); the last
@@ -105,49 +109,113 @@ def _write_safetensors(path, seed, specs, patches, pool=None):
 
 
 def _config(a, moe_layers, mtp, naming, ignored):
-    text = {"model_type": "minimax_m3_text", "hidden_size": a["h"], "intermediate_size": a["i"],
-            "dense_intermediate_size": a["d"], "shared_intermediate_size": a["s"],
-            "num_local_experts": a["e"], "num_experts_per_tok": a["top_k"], "num_hidden_layers": a["layers"],
-            "first_k_dense_replace": a["dense"],
-            "mlp_layer_types": ["sparse" if L in moe_layers else "dense" for L in range(a["layers"])],
-            "num_attention_heads": a["heads"], "num_key_value_heads": a["kv_heads"], "head_dim": a["hd"],
-            "vocab_size": a["v"], "swiglu_alpha": 1.702, "swiglu_beta": 1.0, "swiglu_limit": 7.0,
-            "routed_scaling_factor": 2.0, "scoring_func": "sigmoid", "hidden_act": "swigluoai",
-            "use_qk_norm": True, "rms_norm_eps": 1e-6, "rope_theta": 5000000.0,
-            "max_position_embeddings": 196608, "num_mtp_modules": 1 if mtp else 0, "torch_dtype": "bfloat16"}
+    text = {
+        "model_type": "minimax_m3_text",
+        "hidden_size": a["h"],
+        "intermediate_size": a["i"],
+        "dense_intermediate_size": a["d"],
+        "shared_intermediate_size": a["s"],
+        "num_local_experts": a["e"],
+        "num_experts_per_tok": a["top_k"],
+        "num_hidden_layers": a["layers"],
+        "first_k_dense_replace": a["dense"],
+        "mlp_layer_types": ["sparse" if L in moe_layers else "dense" for L in range(a["layers"])],
+        "num_attention_heads": a["heads"],
+        "num_key_value_heads": a["kv_heads"],
+        "head_dim": a["hd"],
+        "vocab_size": a["v"],
+        "swiglu_alpha": 1.702,
+        "swiglu_beta": 1.0,
+        "swiglu_limit": 7.0,
+        "routed_scaling_factor": 2.0,
+        "scoring_func": "sigmoid",
+        "hidden_act": "swigluoai",
+        "use_qk_norm": True,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 5000000.0,
+        "max_position_embeddings": 196608,
+        "num_mtp_modules": 1 if mtp else 0,
+        "torch_dtype": "bfloat16",
+    }
     if naming == "compressed":
         weights = {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True}
-        quant = {"quant_method": "compressed-tensors", "format": "mxfp8-quantized", "ignore": ignored,
-                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                               "input_activations": {**weights, "dynamic": True}}}}
+        quant = {
+            "quant_method": "compressed-tensors",
+            "format": "mxfp8-quantized",
+            "ignore": ignored,
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": weights,
+                    "input_activations": {**weights, "dynamic": True},
+                }
+            },
+        }
     else:
-        quant = {"quant_method": "mxfp8", "activation_scheme": "dynamic", "weight_block_size": [1, 32],
-                 "ignored_layers": ignored}
-    return {"architectures": ["MiniMaxM3ForConditionalGeneration"], "model_type": "minimax_m3_vl",
-            "auto_map": {"AutoModelForCausalLM": "modeling_minimax_m3.MiniMaxM3ForConditionalGeneration"},
-            "text_config": text, "vision_config": {"model_type": "minimax_m3_vision", "hidden_size": 32},
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "quantization_config": quant}
+        quant = {
+            "quant_method": "mxfp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [1, 32],
+            "ignored_layers": ignored,
+        }
+    return {
+        "architectures": ["MiniMaxM3ForConditionalGeneration"],
+        "model_type": "minimax_m3_vl",
+        "auto_map": {"AutoModelForCausalLM": "modeling_minimax_m3.MiniMaxM3ForConditionalGeneration"},
+        "text_config": text,
+        "vision_config": {"model_type": "minimax_m3_vision", "hidden_size": 32},
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "quantization_config": quant,
+    }
 
 
 SIDE_FILES = {
-    "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "WordLevel", "unk_token": "<unk>",
-                                  "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}}}, indent=1),
+    "tokenizer.json": json.dumps(
+        {
+            "version": "1.0",
+            "model": {
+                "type": "WordLevel",
+                "unk_token": "<unk>",
+                "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3},
+            },
+        },
+        indent=1,
+    ),
     "tokenizer_config.json": json.dumps({"bos_token": "<s>", "eos_token": "</s>", "model_max_length": 196608}),
     "chat_template.jinja": "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}\n",
     "generation_config.json": json.dumps({"do_sample": True, "temperature": 1.0, "top_p": 0.95}),
     "modeling_minimax_m3.py": '"""Stand-in for the remote code file of MiniMax-M3 (copied unchanged)."""\n\n\n'
-                              "class MiniMaxM3ForConditionalGeneration:\n    pass\n",
+    "class MiniMaxM3ForConditionalGeneration:\n    pass\n",
     "README.md": "---\nlicense: mit\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n---\n\n"
-                 "# Tiny MiniMax-M3 (MXFP8)\n\nA random, seeded test checkpoint with MiniMax-M3's layout.\n",
+    "# Tiny MiniMax-M3 (MXFP8)\n\nA random, seeded test checkpoint with MiniMax-M3's layout.\n",
     NOT_COPIED: "scratch notes that are not part of the model\n",
 }
 
 
-def make_tiny_checkpoint(out_dir, *, seed=0, hidden_size=160, intermediate_size=96, num_experts=8, top_k=2,
-                         num_hidden_layers=7, num_dense_layers=3, num_shards=4, naming="minimax",
-                         scale_suffix=None, mtp=True, dense_intermediate_size=192, shared_intermediate_size=64,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=256,
-                         poison=(), fp8_values="uniform") -> Path:
+def make_tiny_checkpoint(
+    out_dir,
+    *,
+    seed=0,
+    hidden_size=160,
+    intermediate_size=96,
+    num_experts=8,
+    top_k=2,
+    num_hidden_layers=7,
+    num_dense_layers=3,
+    num_shards=4,
+    naming="minimax",
+    scale_suffix=None,
+    mtp=True,
+    dense_intermediate_size=192,
+    shared_intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=256,
+    poison=(),
+    fp8_values="uniform",
+) -> Path:
     """Write the checkpoint into out_dir (created; should be empty) and return its path.
 
     scale_suffix: None -> "weight_scale" for naming="compressed", else "weight_scale_inv".
@@ -160,8 +228,14 @@ def make_tiny_checkpoint(out_dir, *, seed=0, hidden_size=160, intermediate_size=
     pool = _mxfp8_pool(seed) if fp8_values == "mxfp8" else None
     if naming not in EXPERT_NAMES:
         raise ValueError(f"naming must be one of {sorted(EXPERT_NAMES)}, not {naming!r}")
-    h, i, d, s, q, kv = (hidden_size, intermediate_size, dense_intermediate_size, shared_intermediate_size,
-                         num_attention_heads * head_dim, num_key_value_heads * head_dim)
+    h, i, d, s, q, kv = (
+        hidden_size,
+        intermediate_size,
+        dense_intermediate_size,
+        shared_intermediate_size,
+        num_attention_heads * head_dim,
+        num_key_value_heads * head_dim,
+    )
     if any(x % 32 for x in (h, i, d, s, q)) or h < 128 or i < 32 or num_experts < 2:
         raise ValueError("sizes must be multiples of 32, hidden >= 128, experts >= 2")
     suffix = scale_suffix or ("weight_scale" if naming == "compressed" else "weight_scale_inv")
@@ -170,35 +244,51 @@ def make_tiny_checkpoint(out_dir, *, seed=0, hidden_size=160, intermediate_size=
     specs = [(f"{lm}.embed_tokens.weight", "BF16", (vocab_size, h))]
     for L in range(num_hidden_layers):
         p = f"{lm}.layers.{L}"
-        specs += [(f"{p}.input_layernorm.weight", "BF16", (h,)),
-                  (f"{p}.post_attention_layernorm.weight", "BF16", (h,)),
-                  (f"{p}.self_attn.q_norm.weight", "BF16", (q,)), (f"{p}.self_attn.k_norm.weight", "BF16", (kv,))]
+        specs += [
+            (f"{p}.input_layernorm.weight", "BF16", (h,)),
+            (f"{p}.post_attention_layernorm.weight", "BF16", (h,)),
+            (f"{p}.self_attn.q_norm.weight", "BF16", (q,)),
+            (f"{p}.self_attn.k_norm.weight", "BF16", (kv,)),
+        ]
         for proj, out, inp in (("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)):
             _mx(specs, f"{p}.self_attn.{proj}", out, inp, suffix)
         mlp, size = (f"{p}.block_sparse_moe.shared_experts", s) if L in moe_layers else (f"{p}.mlp", d)
         for proj, out, inp in (("gate_proj", size, h), ("up_proj", size, h), ("down_proj", h, size)):
             _mx(specs, f"{mlp}.{proj}", out, inp, suffix)
         if L in moe_layers:
-            specs += [(f"{p}.block_sparse_moe.gate.weight", "BF16", (num_experts, h)),
-                      (f"{p}.block_sparse_moe.e_score_correction_bias", "F32", (num_experts,))]
+            specs += [
+                (f"{p}.block_sparse_moe.gate.weight", "BF16", (num_experts, h)),
+                (f"{p}.block_sparse_moe.e_score_correction_bias", "F32", (num_experts,)),
+            ]
             _experts(specs, f"{p}.block_sparse_moe", num_experts, h, i, names, suffix)
     if mtp:  # an expert group outside layers.{L}
         m = f"{lm}.mtp.0"
-        specs += [(f"{m}.enorm.weight", "BF16", (h,)), (f"{m}.hnorm.weight", "BF16", (h,)),
-                  (f"{m}.eh_proj.weight", "BF16", (h, 2 * h)),
-                  (f"{m}.block_sparse_moe.gate.weight", "BF16", (num_experts, h)),
-                  (f"{m}.block_sparse_moe.e_score_correction_bias", "F32", (num_experts,))]
+        specs += [
+            (f"{m}.enorm.weight", "BF16", (h,)),
+            (f"{m}.hnorm.weight", "BF16", (h,)),
+            (f"{m}.eh_proj.weight", "BF16", (h, 2 * h)),
+            (f"{m}.block_sparse_moe.gate.weight", "BF16", (num_experts, h)),
+            (f"{m}.block_sparse_moe.e_score_correction_bias", "F32", (num_experts,)),
+        ]
         _experts(specs, f"{m}.block_sparse_moe", num_experts, h, i, names, suffix)
-    specs += [(f"{lm}.norm.weight", "BF16", (h,)), ("language_model.lm_head.weight", "BF16", (vocab_size, h)),
-              ("vision_tower.patch_embed.proj.weight", "BF16", (32, 48)),
-              ("vision_tower.post_layernorm.weight", "BF16", (32,)),
-              ("multi_modal_projector.linear_1.weight", "BF16", (h, 32))]
+    specs += [
+        (f"{lm}.norm.weight", "BF16", (h,)),
+        ("language_model.lm_head.weight", "BF16", (vocab_size, h)),
+        ("vision_tower.patch_embed.proj.weight", "BF16", (32, 48)),
+        ("vision_tower.post_layernorm.weight", "BF16", (32,)),
+        ("multi_modal_projector.linear_1.weight", "BF16", (h, 32)),
+    ]
 
     patches = {}
     if len(moe_layers):
-        for name, row, col, byte in planted_bytes(hidden_size=h, intermediate_size=i, num_experts=num_experts,
-                                                  num_dense_layers=num_dense_layers, naming=naming,
-                                                  scale_suffix=suffix):
+        for name, row, col, byte in planted_bytes(
+            hidden_size=h,
+            intermediate_size=i,
+            num_experts=num_experts,
+            num_dense_layers=num_dense_layers,
+            naming=naming,
+            scale_suffix=suffix,
+        ):
             patches.setdefault(name, []).append((row, col, byte))
     byte_tensors = {n for n, dt, _ in specs if dt in ("F8_E4M3", "U8")}
     for name, byte in poison:
@@ -237,8 +327,20 @@ def make_tiny_checkpoint(out_dir, *, seed=0, hidden_size=160, intermediate_size=
     ignored = ["language_model.lm_head", "vision_tower", "multi_modal_projector"]
     ignored += [f"{lm}.layers.{L}.block_sparse_moe.gate" for L in moe_layers]
     ignored += [f"{lm}.mtp.0.eh_proj", f"{lm}.mtp.0.block_sparse_moe.gate"] if mtp else []
-    a = dict(h=h, i=i, d=d, s=s, e=num_experts, top_k=top_k, layers=num_hidden_layers, dense=num_dense_layers,
-             heads=num_attention_heads, kv_heads=num_key_value_heads, hd=head_dim, v=vocab_size)
+    a = dict(
+        h=h,
+        i=i,
+        d=d,
+        s=s,
+        e=num_experts,
+        top_k=top_k,
+        layers=num_hidden_layers,
+        dense=num_dense_layers,
+        heads=num_attention_heads,
+        kv_heads=num_key_value_heads,
+        hd=head_dim,
+        v=vocab_size,
+    )
     (out / "config.json").write_text(json.dumps(_config(a, moe_layers, mtp, naming, ignored), indent=2) + "\n")
     for fname, text in SIDE_FILES.items():
         (out / fname).parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,24 @@ LFS_SIZE = 10 * 2**20  # larger files go to LFS whatever their name
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
 RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 # The Hub's licence ids (https://huggingface.co/docs/hub/repositories-licenses), those a test may meet.
-LICENSES = {"apache-2.0", "mit", "other", "unknown", "openrail", "cc-by-4.0", "cc-by-nc-4.0", "cc-by-sa-4.0",
-            "bsd-3-clause", "gpl-3.0", "agpl-3.0", "lgpl-3.0", "mpl-2.0", "llama3", "gemma", "cc0-1.0"}
+LICENSES = {
+    "apache-2.0",
+    "mit",
+    "other",
+    "unknown",
+    "openrail",
+    "cc-by-4.0",
+    "cc-by-nc-4.0",
+    "cc-by-sa-4.0",
+    "bsd-3-clause",
+    "gpl-3.0",
+    "agpl-3.0",
+    "lgpl-3.0",
+    "mpl-2.0",
+    "llama3",
+    "gemma",
+    "cc0-1.0",
+}
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 
@@ -94,11 +110,27 @@ class HubServer:
         self.httpd.server_close()
 
     # ---- for tests
-    def fail(self, method: str, path: str, status: int, *, times: int = 1, message: str = "planted fault",
-             headers: dict | None = None) -> None:
+    def fail(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        *,
+        times: int = 1,
+        message: str = "planted fault",
+        headers: dict | None = None,
+    ) -> None:
         """The next `times` requests whose path matches the regex `path` get `status` instead of an answer."""
-        self.faults.append({"method": method, "path": re.compile(path), "status": status, "times": times,
-                            "message": message, "headers": headers or {}})
+        self.faults.append(
+            {
+                "method": method,
+                "path": re.compile(path),
+                "status": status,
+                "times": times,
+                "message": message,
+                "headers": headers or {},
+            }
+        )
 
     def count(self, method: str, path: str = "") -> int:
         return sum(1 for m, p in self.requests if m == method and re.search(path, p))
@@ -109,8 +141,11 @@ class HubServer:
         return {path: self.lfs[f["lfs"]] if f["lfs"] else f["content"] for path, f in tree.items()}
 
     def add_repo(self, repo_id: str, *, owner: str, private: bool = False) -> None:
-        init = {"files": {".gitattributes": {"content": GITATTRIBUTES, "lfs": None, "size": len(GITATTRIBUTES)}},
-                "parent": None, "message": "initial commit"}
+        init = {
+            "files": {".gitattributes": {"content": GITATTRIBUTES, "lfs": None, "size": len(GITATTRIBUTES)}},
+            "parent": None,
+            "message": "initial commit",
+        }
         oid = hashlib.sha1(repo_id.encode()).hexdigest()
         self.repos[repo_id] = {"owner": owner, "private": private, "branches": {"main": oid}, "commits": {oid: init}}
 
@@ -129,7 +164,11 @@ class HubServer:
     # ---- model
     @staticmethod
     def _is_lfs(path: str, size: int, sample: bytes) -> bool:
-        return size >= LFS_SIZE or b"\0" in sample or any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
+        return (
+            size >= LFS_SIZE
+            or b"\0" in sample
+            or any(fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
+        )
 
     def _commit(self, repo: dict, branch: str, ops: list, message: str) -> str:
         parent = repo["branches"][branch]
@@ -151,8 +190,13 @@ class HubServer:
         if f["lfs"] is None:
             return {"type": "file", "path": path, "size": f["size"], "oid": git_blob_id(f["content"])}
         pointer = lfs_pointer(f["lfs"], f["size"])
-        return {"type": "file", "path": path, "size": f["size"], "oid": git_blob_id(pointer),
-                "lfs": {"oid": f["lfs"], "size": f["size"], "pointerSize": len(pointer)}}
+        return {
+            "type": "file",
+            "path": path,
+            "size": f["size"],
+            "oid": git_blob_id(pointer),
+            "lfs": {"oid": f["lfs"], "size": f["size"], "pointerSize": len(pointer)},
+        }
 
 
 class HubError(Exception):
@@ -222,7 +266,7 @@ def _handler(hub: HubServer):
         # ---- auth and lookup
         def user(self, required: bool = True) -> str | None:
             auth = self.headers.get("Authorization", "")
-            token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+            token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
             if token is None:
                 if required:
                     raise HubError(401, "Authorization header is required")
@@ -262,13 +306,23 @@ def _handler(hub: HubServer):
             r = self.repo(repo)
             oid = r["branches"][self.branch(r, rev)]
             files = r["commits"][oid]["files"]
-            return {"id": repo, "sha": oid, "private": r["private"], "author": r["owner"],
-                    "siblings": [{"rfilename": p} for p in sorted(files)]}
+            return {
+                "id": repo,
+                "sha": oid,
+                "private": r["private"],
+                "author": r["owner"],
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+            }
 
         def refs(self, body, query, repo):
             r = self.repo(repo)
-            return {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o}
-                                 for b, o in r["branches"].items()], "tags": [], "converts": []}
+            return {
+                "branches": [
+                    {"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in r["branches"].items()
+                ],
+                "tags": [],
+                "converts": [],
+            }
 
         def create_branch(self, body, query, repo, rev):
             r = self.repo(repo, write=True)
@@ -292,7 +346,9 @@ def _handler(hub: HubServer):
                 lfs = hub._is_lfs(f["path"], f["size"], base64.b64decode(f["sample"]))
                 remote = files.get(f["path"])
                 oid = None if remote is None else remote["lfs"] or git_blob_id(remote["content"])
-                out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+                out.append(
+                    {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+                )
             return {"files": out}
 
         def lfs_batch(self, body, query, repo):
@@ -301,8 +357,10 @@ def _handler(hub: HubServer):
             for obj in json.loads(body)["objects"]:
                 entry = {"oid": obj["oid"], "size": obj["size"]}
                 if obj["oid"] not in hub.lfs:  # no actions: the bytes are already stored
-                    entry["actions"] = {"upload": {"href": f"{hub.endpoint}/lfs/{obj['oid']}"},
-                                        "verify": {"href": f"{hub.endpoint}/lfs/{obj['oid']}/verify"}}
+                    entry["actions"] = {
+                        "upload": {"href": f"{hub.endpoint}/lfs/{obj['oid']}"},
+                        "verify": {"href": f"{hub.endpoint}/lfs/{obj['oid']}/verify"},
+                    }
                 objects.append(entry)
             return {"transfer": "basic", "objects": objects}
 

@@ -5,13 +5,18 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from hub_server import HubServer, card_errors
 from huggingface_hub import ModelCard
 
-from hub_server import HubServer, card_errors
 from mxconvert.card import LIBRARY_NAME, TAGS, write_model_card
 
-OPTIONS = {"long_context": False, "bf16": "materialize", "bf16_max_tokens": 8, "bf16_min_tokens": 1024,
-           "max_shard_size": "5GB"}
+OPTIONS = {
+    "long_context": False,
+    "bf16": "materialize",
+    "bf16_max_tokens": 8,
+    "bf16_min_tokens": 1024,
+    "max_shard_size": "5GB",
+}
 SOURCE_CARD = """---
 license: other
 license_name: minimax-model-license
@@ -38,8 +43,15 @@ def _write(tmp_path: Path, source_card: str | None = SOURCE_CARD, **kw) -> Path:
         card.write_text(source_card)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    args = dict(out_dir=out, source="MiniMaxAI/MiniMax-M3", source_repo_id="MiniMaxAI/MiniMax-M3",
-                source_revision="0123abcd", source_card=card, options=OPTIONS, version="9.8.7")
+    args = dict(
+        out_dir=out,
+        source="MiniMaxAI/MiniMax-M3",
+        source_repo_id="MiniMaxAI/MiniMax-M3",
+        source_revision="0123abcd",
+        source_card=card,
+        options=OPTIONS,
+        version="9.8.7",
+    )
     return write_model_card(**{**args, **kw})
 
 
@@ -63,11 +75,27 @@ def test_card_metadata_is_valid_for_the_hub(tmp_path, hub):
 def test_card_text_says_what_was_done_and_how_to_load(tmp_path):
     text = _write(tmp_path, options={**OPTIONS, "long_context": True, "bf16_max_tokens": 16}).read_text()
     body = text.split("\n---\n", 1)[1]
-    for needed in ("mxconvert 9.8.7", "`0123abcd`", "0x80", "+1", "[E, K/32, N]", "FNUZ", "bf16_only",
-                   "T <= 16 or T >= 1024", "vllm serve OUT_DIR", "mxconvert.runtime", "mxconvert.json"):
+    for needed in (
+        "mxconvert 9.8.7",
+        "`0123abcd`",
+        "0x80",
+        "+1",
+        "[E, K/32, N]",
+        "FNUZ",
+        "bf16_only",
+        "T <= 16 or T >= 1024",
+        "vllm serve OUT_DIR",
+        "mxconvert.runtime",
+        "mxconvert.json",
+    ):
         assert needed in body, needed
-    for key, value in (("long_context", "true"), ("bf16", '"materialize"'), ("bf16_max_tokens", "16"),
-                       ("bf16_min_tokens", "1024"), ("max_shard_size", '"5GB"')):
+    for key, value in (
+        ("long_context", "true"),
+        ("bf16", '"materialize"'),
+        ("bf16_max_tokens", "16"),
+        ("bf16_min_tokens", "1024"),
+        ("max_shard_size", '"5GB"'),
+    ):
         assert f"| `{key}` | `{value}` |" in body
     assert "`native_only`" not in body
     derive = _write(tmp_path, options={**OPTIONS, "bf16": "derive"}).read_text()
@@ -75,8 +103,13 @@ def test_card_text_says_what_was_done_and_how_to_load(tmp_path):
 
 
 def test_local_source_has_no_base_model(tmp_path, hub):
-    path = _write(tmp_path, source="/home/someone/models/MiniMax-M3-local", source_repo_id=None,
-                  source_revision=None, source_card=None)
+    path = _write(
+        tmp_path,
+        source="/home/someone/models/MiniMax-M3-local",
+        source_repo_id=None,
+        source_revision=None,
+        source_card=None,
+    )
     data = ModelCard.load(path).data.to_dict()
     assert "base_model" not in data and "base_model_relation" not in data and "license" not in data
     text = path.read_text()
@@ -85,11 +118,14 @@ def test_local_source_has_no_base_model(tmp_path, hub):
     ModelCard.load(path).validate()
 
 
-@pytest.mark.parametrize("source_card, license", [
-    ("---\nlicense: apache-2.0\n---\n# x\n", "apache-2.0"),
-    ("# no front matter at all\n", None),
-    ("---\nlicense: [unclosed\n---\n# x\n", None),  # YAML that does not parse: noted in the text instead
-])
+@pytest.mark.parametrize(
+    "source_card, license",
+    [
+        ("---\nlicense: apache-2.0\n---\n# x\n", "apache-2.0"),
+        ("# no front matter at all\n", None),
+        ("---\nlicense: [unclosed\n---\n# x\n", None),  # YAML that does not parse: noted in the text instead
+    ],
+)
 def test_source_licence_copied_when_readable(tmp_path, source_card, license):
     path = _write(tmp_path, source_card=source_card)
     data = ModelCard.load(path).data.to_dict()
@@ -107,14 +143,17 @@ def test_card_replaces_an_old_one_atomically(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]  # no temporary file left
 
 
-@pytest.mark.parametrize("front, error", [
-    ("base_model_relation: quantized", "needs base_model"),
-    ("base_model: not a repo\nbase_model_relation: quantized", "not a repo id"),
-    ("base_model: a/b\nbase_model_relation: shrunk", "base_model_relation must be"),
-    ("license: made-up", "not a known licence"),
-    ("license: mit\nlicense_name: x", "go with license: other"),
-    ("library_name: [a, b]", "library_name must be a string"),
-])
+@pytest.mark.parametrize(
+    "front, error",
+    [
+        ("base_model_relation: quantized", "needs base_model"),
+        ("base_model: not a repo\nbase_model_relation: quantized", "not a repo id"),
+        ("base_model: a/b\nbase_model_relation: shrunk", "base_model_relation must be"),
+        ("license: made-up", "not a known licence"),
+        ("license: mit\nlicense_name: x", "go with license: other"),
+        ("library_name: [a, b]", "library_name must be a string"),
+    ],
+)
 def test_hub_checks_reject_bad_metadata(hub, front, error):
     """The loopback Hub's checks can fail, so the acceptance above means something."""
     text = f"---\n{front}\n---\n# x\n"

@@ -68,19 +68,37 @@ def test_dry_run_version_and_help(source, tmp_path):
     help_text = run("--help").output
     assert "Examples:" in help_text and "verify" in help_text
     convert_help = run("convert", "--help").output
-    for option in ("--long-context", "--bf16", "--bf16-max-tokens", "--bf16-min-tokens", "--max-shard-size",
-                   "--dry-run", "--device", "--force"):
+    for option in (
+        "--long-context",
+        "--bf16",
+        "--bf16-max-tokens",
+        "--bf16-min-tokens",
+        "--max-shard-size",
+        "--dry-run",
+        "--device",
+        "--force",
+    ):
         assert option in convert_help
 
 
 def test_real_subprocess(source, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-m", "mxconvert.cli", str(source), str(out), "--bf16", "derive"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mxconvert.cli", str(source), str(out), "--bf16", "derive"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "converting: 100%" in proc.stderr and "B/s" in proc.stderr  # tqdm, counted in bytes
     assert (out / "mxconvert.json").is_file()
-    proc = subprocess.run([sys.executable, "-m", "mxconvert.cli", str(source), str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mxconvert.cli", str(source), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr

@@ -70,7 +70,9 @@ def test_every_format_rule_bit_exact(source, converted, label):
         gate, up, down = PROJ["minimax"]
         s = lambda e, p, k: src[f"{prefix}.{e}.{p}.{k}"]  # noqa: E731
         fn_w13 = torch.stack([torch.cat([s(e, gate, "weight"), s(e, up, "weight")]) for e in range(E)])  # [E, 2I, H]
-        fn_s13 = torch.stack([torch.cat([s(e, gate, "weight_scale_inv"), s(e, up, "weight_scale_inv")]) for e in range(E)])
+        fn_s13 = torch.stack(
+            [torch.cat([s(e, gate, "weight_scale_inv"), s(e, up, "weight_scale_inv")]) for e in range(E)]
+        )
         fn_w2 = torch.stack([s(e, down, "weight") for e in range(E)])  # [E, H, I]
         fn_s2 = torch.stack([s(e, down, "weight_scale_inv") for e in range(E)])  # [E, H, I/32]
         names = {k for k in got if k.startswith(prefix + ".")}
@@ -140,7 +142,11 @@ def test_index_config_card_manifest_and_side_files(source, converted):
     assert quant["source_quantization_config"] == src_quant
     experts = quant["experts"]
     assert {k: experts[k] for k in ("value_dtype", "scale_dtype", "block_size", "scale_layout")} == {
-        "value_dtype": "float8_e4m3fnuz", "scale_dtype": "e8m0", "block_size": 32, "scale_layout": "expert_kblock_n"}
+        "value_dtype": "float8_e4m3fnuz",
+        "scale_dtype": "e8m0",
+        "block_size": 32,
+        "scale_layout": "expert_kblock_n",
+    }
     assert experts["dispatch"] == {"bf16_max_tokens": 8, "bf16_min_tokens": 1024}
     assert experts["activation"] == {"kind": "swigluoai", "alpha": 1.702, "beta": 1.0, "limit": 7.0}
     assert quant["producer"] == {"name": "mxconvert", "version": __version__}
@@ -151,8 +157,13 @@ def test_index_config_card_manifest_and_side_files(source, converted):
     assert {"mxfp8", "fp8", "fnuz", "mi300x", "moe"} <= set(meta["tags"]) and meta["license"] == "mit"
     assert __version__ in card and "materialize" in card
 
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                 "modeling_minimax_m3.py"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "modeling_minimax_m3.py",
+    ):
         assert (out / name).read_bytes() == (source / name).read_bytes()
     assert not (out / NOT_COPIED).exists() and not (out / NOT_COPIED.split("/")[0]).exists()
     assert not list(out.glob("*.partial"))
@@ -204,10 +215,13 @@ def test_verify_catches_a_changed_byte_and_a_missing_manifest(converted, tmp_pat
         verify(out_dir=out, full=False)
 
 
-@pytest.mark.parametrize("poison,match", [
-    ("language_model.model.layers.4.block_sparse_moe.experts.2.w3.weight", "value byte 0x7F"),
-    ("language_model.model.layers.4.block_sparse_moe.experts.5.w2.weight_scale_inv", "scale byte 254"),
-])
+@pytest.mark.parametrize(
+    "poison,match",
+    [
+        ("language_model.model.layers.4.block_sparse_moe.experts.2.w3.weight", "value byte 0x7F"),
+        ("language_model.model.layers.4.block_sparse_moe.experts.5.w2.weight_scale_inv", "scale byte 254"),
+    ],
+)
 def test_bad_source_bytes_name_the_tensor_and_leave_no_finished_output(tmp_path, poison, match):
     byte = 0x7F if poison.endswith(".weight") else 254
     src = make_tiny_checkpoint(tmp_path / "src", poison=((poison, byte),))
@@ -269,7 +283,9 @@ def test_hub_source_is_named_in_card_and_manifest(source, tmp_path, monkeypatch)
     assert meta["base_model"] == "MiniMaxAI/MiniMax-M3-MXFP8" and meta["base_model_relation"] == "quantized"
     assert "0123abcd" in card and "derive" in card
     manifest = json.loads((out / "mxconvert.json").read_text())
-    assert manifest["source"]["repo_id"] == "MiniMaxAI/MiniMax-M3-MXFP8" and manifest["source"]["revision"] == "0123abcd"
+    assert (
+        manifest["source"]["repo_id"] == "MiniMaxAI/MiniMax-M3-MXFP8" and manifest["source"]["revision"] == "0123abcd"
+    )
 
 
 def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):

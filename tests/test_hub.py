@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hub_server import HubServer
 from huggingface_hub import constants
+from make_tiny_checkpoint import make_tiny_checkpoint
 
 import mxconvert.hub as hub_module
-from hub_server import HubServer
-from make_tiny_checkpoint import make_tiny_checkpoint
 from mxconvert.cli import main
 from mxconvert.convert import convert
 from mxconvert.errors import MxconvertError
@@ -97,8 +97,10 @@ def test_resume_uploads_only_what_is_missing(converted, hub, capsys):
     push(out_dir=converted, repo_id=REPO)
     assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == local
     assert hub.count("PUT", "^/lfs/") == len(shards) - len(kept)
-    assert f"{len(kept)} of {len(local)} files are already on {REPO} at main with the same sha256: skipped" \
+    assert (
+        f"{len(kept)} of {len(local)} files are already on {REPO} at main with the same sha256: skipped"
         in capsys.readouterr().out
+    )
 
 
 def test_failed_commit_then_rerun_completes_without_resending(converted, hub):
@@ -182,18 +184,25 @@ def test_file_over_the_hub_limit_is_named(out, hub, monkeypatch):
     with pytest.raises(MxconvertError) as err:
         push(out_dir=out, repo_id=REPO)
     more = f" (so are {len(biggest) - 1} more: {', '.join(biggest[1:4])}" if len(biggest) > 1 else ""
-    assert str(err.value).startswith(f"{out / biggest[0]}: is {sizes[biggest[0]]} bytes, over the Hub's limit of "
-                                     f"{sizes[biggest[0]] - 1} bytes per file{more}")
+    assert str(err.value).startswith(
+        f"{out / biggest[0]}: is {sizes[biggest[0]]} bytes, over the Hub's limit of "
+        f"{sizes[biggest[0]] - 1} bytes per file{more}"
+    )
     assert hub.requests == []
 
 
 def test_check_file_sizes_at_the_real_limit(tmp_path):
     check_file_sizes(out_dir=tmp_path, sizes={"a.safetensors": 50 * 10**9}, limit=hub_module.HUB_FILE_LIMIT)
     with pytest.raises(MxconvertError) as err:
-        check_file_sizes(out_dir=tmp_path, sizes={"a.safetensors": 1, "b.safetensors": 50 * 10**9 + 1},
-                         limit=hub_module.HUB_FILE_LIMIT)
-    assert str(err.value) == (f"{tmp_path / 'b.safetensors'}: is 50.00 GB, over the Hub's limit of 50.00 GB per file. "
-                              "Convert again with a smaller --max-shard-size, e.g. 5GB.")
+        check_file_sizes(
+            out_dir=tmp_path,
+            sizes={"a.safetensors": 1, "b.safetensors": 50 * 10**9 + 1},
+            limit=hub_module.HUB_FILE_LIMIT,
+        )
+    assert str(err.value) == (
+        f"{tmp_path / 'b.safetensors'}: is 50.00 GB, over the Hub's limit of 50.00 GB per file. "
+        "Convert again with a smaller --max-shard-size, e.g. 5GB."
+    )
 
 
 def test_files_outside_the_manifest_are_not_pushed(out, hub, capsys):
@@ -208,8 +217,10 @@ def test_remote_files_of_an_older_conversion_are_reported_and_kept(converted, hu
     hub.put_files(REPO, {"model-00001-of-00099.safetensors": b"\0old shard"})
     push(out_dir=converted, repo_id=REPO)
     assert hub.files(REPO)["model-00001-of-00099.safetensors"] == b"\0old shard"
-    assert (f"On {REPO} at main but not in this conversion, left in place: model-00001-of-00099.safetensors"
-            in capsys.readouterr().out)
+    assert (
+        f"On {REPO} at main but not in this conversion, left in place: model-00001-of-00099.safetensors"
+        in capsys.readouterr().out
+    )
 
 
 def _closed_port() -> int:
@@ -218,15 +229,21 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no token", "push: no Hugging Face token. Pass --token, set HF_TOKEN, or run `hf auth login`"),
-    ("bad token", f"{REPO}: the Hub refused the token (401)"),
-    ("other's repo", "bob/model: this token may not write there (403)"),
-    ("other's namespace", "bob/new: this token may not write there (403)"),
-    ("rate limit", f"{REPO}: the Hub is rate-limiting this account (429). Wait 30 seconds, then run the same command"),
-    ("network down", "cannot be reached"),
-    ("card refused", "README.md: the Hub rejects its metadata"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no token", "push: no Hugging Face token. Pass --token, set HF_TOKEN, or run `hf auth login`"),
+        ("bad token", f"{REPO}: the Hub refused the token (401)"),
+        ("other's repo", "bob/model: this token may not write there (403)"),
+        ("other's namespace", "bob/new: this token may not write there (403)"),
+        (
+            "rate limit",
+            f"{REPO}: the Hub is rate-limiting this account (429). Wait 30 seconds, then run the same command",
+        ),
+        ("network down", "cannot be reached"),
+        ("card refused", "README.md: the Hub rejects its metadata"),
+    ],
+)
 def test_errors_are_one_line_with_what_to_do(converted, hub, monkeypatch, case, expected):
     repo_id, token = REPO, None
     if case == "no token":
@@ -265,15 +282,33 @@ def test_cli_push_through_click(converted, hub):
 
 def test_cli_push_in_a_fresh_process_reads_hf_endpoint(converted, hub, tmp_path):
     """A real subprocess: huggingface_hub reads HF_ENDPOINT and HF_HUB_DISABLE_XET at import, as for a user."""
-    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_alice",
-           "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    run = subprocess.run([sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO, "--private"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": "hf_alice",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO, "--private"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert hub.repos[REPO]["private"]
     assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(converted)
-    again = subprocess.run([sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0 and "Nothing to upload" in again.stdout
 
 

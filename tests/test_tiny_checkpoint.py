@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
-
 from make_tiny_checkpoint import EDGE_FP8, EDGE_SCALE, NOT_COPIED, make_tiny_checkpoint, planted_bytes
+from safetensors import safe_open
 
 LM = "language_model.model"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_checkpoint.py"
@@ -67,14 +66,27 @@ def test_config_follows_the_minimax_schema(tiny):
     cfg = json.loads((tiny / "config.json").read_text())
     assert cfg["model_type"] == "minimax_m3_vl" and cfg["architectures"]
     assert cfg["quantization_config"] == {
-        "quant_method": "mxfp8", "activation_scheme": "dynamic", "weight_block_size": [1, 32],
-        "ignored_layers": cfg["quantization_config"]["ignored_layers"]}
+        "quant_method": "mxfp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [1, 32],
+        "ignored_layers": cfg["quantization_config"]["ignored_layers"],
+    }
     assert f"{LM}.layers.3.block_sparse_moe.gate" in cfg["quantization_config"]["ignored_layers"]
     t = cfg["text_config"]
     assert t["model_type"] == "minimax_m3_text"
-    assert (t["hidden_size"], t["intermediate_size"], t["num_local_experts"], t["num_experts_per_tok"]) == (160, 96, 8, 2)
+    assert (t["hidden_size"], t["intermediate_size"], t["num_local_experts"], t["num_experts_per_tok"]) == (
+        160,
+        96,
+        8,
+        2,
+    )
     assert t["hidden_size"] % 128 != 0
-    assert (t["swiglu_alpha"], t["swiglu_beta"], t["swiglu_limit"], t["routed_scaling_factor"]) == (1.702, 1.0, 7.0, 2.0)
+    assert (t["swiglu_alpha"], t["swiglu_beta"], t["swiglu_limit"], t["routed_scaling_factor"]) == (
+        1.702,
+        1.0,
+        7.0,
+        2.0,
+    )
     assert t["scoring_func"] == "sigmoid" and t["first_k_dense_replace"] == 3
     assert t["mlp_layer_types"] == ["dense"] * 3 + ["sparse"] * 4 and t["num_hidden_layers"] == 7
 
@@ -207,7 +219,8 @@ def test_bad_sizes_are_refused(tmp_path):
 
 
 def test_command_line_matches_the_function(tiny, tmp_path):
-    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "cli"), "--seed", "0"],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "cli"), "--seed", "0"], capture_output=True, text=True, check=True
+    )
     assert run.stdout.strip() == str(tmp_path / "cli")
     assert file_bytes(tmp_path / "cli") == file_bytes(tiny)

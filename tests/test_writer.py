@@ -11,11 +11,18 @@ from mxconvert.writer import ShardWriter
 
 
 def test_out_of_order_writes_give_a_valid_file_and_its_sha256(tmp_path):
-    tensors = [OutputTensor("a.weight", "U8", (6, 40)), OutputTensor("b.empty", "BF16", (0, 3)),
-               OutputTensor("c.weight", "BF16", (5, 16)), OutputTensor("d.bias", "F32", (7,))]
-    data = {"a.weight": torch.randint(0, 256, (6, 40), dtype=torch.uint8),
-            "b.empty": torch.empty(0, 3, dtype=torch.bfloat16),
-            "c.weight": torch.randn(5, 16).to(torch.bfloat16), "d.bias": torch.randn(7)}
+    tensors = [
+        OutputTensor("a.weight", "U8", (6, 40)),
+        OutputTensor("b.empty", "BF16", (0, 3)),
+        OutputTensor("c.weight", "BF16", (5, 16)),
+        OutputTensor("d.bias", "F32", (7,)),
+    ]
+    data = {
+        "a.weight": torch.randint(0, 256, (6, 40), dtype=torch.uint8),
+        "b.empty": torch.empty(0, 3, dtype=torch.bfloat16),
+        "c.weight": torch.randn(5, 16).to(torch.bfloat16),
+        "d.bias": torch.randn(7),
+    }
     pieces = []  # (name, byte offset, rows) in row-sized pieces, shuffled
     for name, t in data.items():
         row_bytes = t[0].numel() * t.element_size() if len(t) else 0

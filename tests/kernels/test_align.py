@@ -2,14 +2,22 @@
 
 import pytest
 import torch
+from kernel_helpers import random_routing
 
 from mxconvert.kernels.align import align_routing, align_routing_reference, max_slots
 
-from kernel_helpers import random_routing
 
-
-@pytest.mark.parametrize("t,k,e,bm,skew", [(0, 4, 8, 16, False), (1, 1, 1, 16, False), (7, 2, 4, 16, False),
-                                           (33, 4, 128, 16, True), (300, 8, 16, 64, True), (129, 3, 5, 32, False)])
+@pytest.mark.parametrize(
+    "t,k,e,bm,skew",
+    [
+        (0, 4, 8, 16, False),
+        (1, 1, 1, 16, False),
+        (7, 2, 4, 16, False),
+        (33, 4, 128, 16, True),
+        (300, 8, 16, 64, True),
+        (129, 3, 5, 32, False),
+    ],
+)
 def test_align(t, k, e, bm, skew, device, gen):
     ids, _ = random_routing(t, k, e, gen, skew=skew)
     a = align_routing(ids.to(device), num_experts=e, block_m=bm)

@@ -28,8 +28,9 @@ def test_seed_gfx942_rules():
 
 def test_block_m_follows_tokens_per_expert(monkeypatch):
     monkeypatch.setattr(cfg, "device_family", lambda device=None: "hopper")
-    pick = lambda t: cfg.moe_config(tokens=t, top_k=4, num_experts=128, hidden=6144, intermediate=384,
-                                    mode="w8a16").block_m
+    pick = lambda t: (
+        cfg.moe_config(tokens=t, top_k=4, num_experts=128, hidden=6144, intermediate=384, mode="w8a16").block_m
+    )
     assert [pick(t) for t in (1, 128, 512, 1024, 8192)] == [16, 16, 32, 64, 128]
     monkeypatch.setattr(cfg, "device_family", lambda device=None: "gfx942")
     assert [pick(t) for t in (1, 512, 8192)] == [16, 16, 64]

@@ -2,13 +2,17 @@
 
 import pytest
 import torch
+from kernel_helpers import ON_GPU, random_fnuz_weights, random_routing, rel_err
 
 from mxconvert.kernels.config import fp8_format
-from mxconvert.kernels.moe import (capture_cuda_graph, moe_experts_bf16, moe_experts_mxfp8, moe_experts_reference,
-                                   native_mode)
+from mxconvert.kernels.moe import (
+    capture_cuda_graph,
+    moe_experts_bf16,
+    moe_experts_mxfp8,
+    moe_experts_reference,
+    native_mode,
+)
 from mxconvert.kernels.moe_gemm import dequantized_weights
-
-from kernel_helpers import ON_GPU, random_fnuz_weights, random_routing, rel_err
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run through the device tool)")
 
@@ -40,8 +44,7 @@ def check_all(x, w, ids, fp8, wf, fmt=None):
     assert rel_err(out, ref) < 0.15
 
 
-@pytest.mark.parametrize("t,k,e,skew", [(1, 1, 1, False), (7, 2, 4, False), (13, 8, 16, True),
-                                        (33, 4, 128, True)])
+@pytest.mark.parametrize("t,k,e,skew", [(1, 1, 1, False), (7, 2, 4, False), (13, 8, 16, True), (33, 4, 128, True)])
 @pytest.mark.parametrize("fmt", ["fn", "fnuz"])
 def test_forward_small(t, k, e, skew, fmt, device, gen):
     if fmt == "fnuz" and ON_GPU and torch.version.hip is None:
@@ -75,8 +78,11 @@ def test_cuda_graph_replay(path, gen):
     t, k, e, h, i = 64, 4, 128, 1024, 384
     x, w, ids, fp8, wf = make(t, k, e, h, i, gen, "cuda")
     bf = dict(w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16())
-    fwd = (lambda: moe_experts_bf16(x, w, ids, **bf)) if path == "bf16" else (
-        lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=path))
+    fwd = (
+        (lambda: moe_experts_bf16(x, w, ids, **bf))
+        if path == "bf16"
+        else (lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=path))
+    )
     fwd()  # compile outside the capture
     graph, out = capture_cuda_graph(fwd)
     new_ids, new_w = random_routing(t, k, e, gen, skew=True)

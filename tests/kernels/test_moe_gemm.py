@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from kernel_helpers import ON_GPU, random_fnuz_weights, random_routing, rel_err
 
 from mxconvert.kernels.align import align_routing
 from mxconvert.kernels.config import GemmTile
 from mxconvert.kernels.moe_gemm import dequantized_weights, moe_gemm, moe_gemm_reference
 from mxconvert.kernels.quant import quantize_mxfp8
-
-from kernel_helpers import ON_GPU, random_fnuz_weights, random_routing, rel_err
 
 # NVIDIA has no FNUZ dot (Triton rejects fp8e4b8 there): "fnuz" runs on gfx942 and in the interpreter
 NO_FNUZ = ON_GPU and torch.version.hip is None
@@ -17,6 +16,7 @@ NO_FNUZ = ON_GPU and torch.version.hip is None
 def skip_fnuz(fmt):
     if fmt == "fnuz" and NO_FNUZ:
         pytest.skip("no FNUZ dot on NVIDIA; the GPU reads FNUZ bytes as E4M3FN ('fn')")
+
 
 TILES = [GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1, swap_ab=True), GemmTile(64, 128, 4, 1, swap_ab=True)]
 
@@ -27,8 +27,15 @@ def run(mode, fmt, tile, t, k, e, n, kdim, gen, device, *, gemm2, block_m=16, sc
     wf = dequantized_weights(vals, scales)
     a = torch.randn(t * k if gemm2 else t, kdim, generator=gen).bfloat16()
     align = align_routing(ids.to(device), num_experts=e, block_m=block_m)
-    kw = dict(align=align, num_pairs=t * k, a_div=1 if gemm2 else k, tile=tile, mode=mode, fp8_format=fmt,
-              topk_weights=w.reshape(-1).to(device) if gemm2 else None)
+    kw = dict(
+        align=align,
+        num_pairs=t * k,
+        a_div=1 if gemm2 else k,
+        tile=tile,
+        mode=mode,
+        fp8_format=fmt,
+        topk_weights=w.reshape(-1).to(device) if gemm2 else None,
+    )
     if mode == "bf16":
         b = wf.bfloat16()
         out = moe_gemm(a.to(device), b.to(device), **kw)
@@ -48,8 +55,9 @@ def run(mode, fmt, tile, t, k, e, n, kdim, gen, device, *, gemm2, block_m=16, sc
     return out.cpu(), ref
 
 
-@pytest.mark.parametrize("mode,fmt", [("bf16", "fn"), ("w8a16", "fn"), ("w8a16", "fnuz"), ("w8a8", "fn"),
-                                      ("w8a8", "fnuz")])
+@pytest.mark.parametrize(
+    "mode,fmt", [("bf16", "fn"), ("w8a16", "fn"), ("w8a16", "fnuz"), ("w8a8", "fn"), ("w8a8", "fnuz")]
+)
 @pytest.mark.parametrize("tile", TILES, ids=["plain", "swap32", "swap64"])
 @pytest.mark.parametrize("gemm2", [False, True], ids=["gemm1", "gemm2"])
 def test_moe_gemm_modes(mode, fmt, tile, gemm2, device, gen):
@@ -66,8 +74,9 @@ def test_moe_gemm_modes(mode, fmt, tile, gemm2, device, gen):
 def test_e8m0_edge_bytes(mode, fmt, lo, hi, device, gen):
     skip_fnuz(fmt)
     # scale byte 1 is 2**-126 (byte 0 once "fn" lowers it: decoded as 0, a 2**-127 difference)
-    out, ref = run(mode, fmt, GemmTile(32, 64, 4, 1), 5, 1, 2, 64, 128, gen, device, gemm2=False,
-                   scale_lo=lo, scale_hi=hi)
+    out, ref = run(
+        mode, fmt, GemmTile(32, 64, 4, 1), 5, 1, 2, 64, 128, gen, device, gemm2=False, scale_lo=lo, scale_hi=hi
+    )
     if lo == 1:  # BF16 output is subnormal or zero down there: compare in units of the largest scale
         assert (out.float() - ref).abs().max() <= ref.abs().max() * 2e-2 + 2.0**-120
     else:
@@ -84,6 +93,7 @@ def test_moe_gemm_routing_shapes(t, k, e, device, gen):
 
 
 def test_block_m_32(device, gen):
-    out, ref = run("w8a8", "fn", GemmTile(32, 64, 4, 1, swap_ab=True), 50, 4, 4, 64, 96, gen, device,
-                   gemm2=False, block_m=32)
+    out, ref = run(
+        "w8a8", "fn", GemmTile(32, 64, 4, 1, swap_ab=True), 50, 4, 4, 64, 96, gen, device, gemm2=False, block_m=32
+    )
     assert rel_err(out, ref) < 5e-3

@@ -3,14 +3,25 @@
 import pytest
 import torch
 
-from mxconvert.kernels.quant import (SwigluOAI, quantize_mxfp8, quantize_mxfp8_reference, swiglu_oai,
-                                     swiglu_oai_reference)
+from mxconvert.kernels.quant import (
+    SwigluOAI,
+    quantize_mxfp8,
+    quantize_mxfp8_reference,
+    swiglu_oai,
+    swiglu_oai_reference,
+)
 
 
 def edge_rows(k):
     """Rows that hit the rule's edges: zero blocks, exact FP8_MAX * 2**e ties, subnormal results, -0."""
-    rows = [torch.zeros(k), torch.full((k,), -0.0), torch.full((k,), 448.0), torch.full((k,), 240.0 * 2**-20),
-            torch.full((k,), 449.0), torch.full((k,), 3.0e38)]
+    rows = [
+        torch.zeros(k),
+        torch.full((k,), -0.0),
+        torch.full((k,), 448.0),
+        torch.full((k,), 240.0 * 2**-20),
+        torch.full((k,), 449.0),
+        torch.full((k,), 3.0e38),
+    ]
     mixed = torch.linspace(-1, 1, k) * 2**-12
     mixed[::32] = 1000.0  # one large value makes the rest FP8 subnormals or zero
     rows.append(mixed)
