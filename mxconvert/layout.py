@@ -34,9 +34,9 @@ def fn_to_fnuz_values(values: torch.Tensor, *, inplace: bool = False) -> torch.T
     return values
 
 
-def fn_to_fnuz_scales(scales: torch.Tensor) -> torch.Tensor:
+def fn_to_fnuz_scales(scales: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """E8M0 bytes + 1, which doubles the scale to undo FNUZ's halving of the values."""
-    return scales + 1
+    return scales.add_(1) if inplace else scales + 1
 
 
 def pack_scales(scales: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def read_scales(source: SourceCheckpoint, group: PlannedGroup) -> dict[str, torc
         out = torch.empty(group.num_experts, sum(i.shape[0] for i in first), first[0].shape[1], dtype=torch.uint8)
         for e in range(group.num_experts):
             _read_checked(source, [group.source.experts[e][p][1] for p in projs], scale=True, out=out[e])
-        scales[stack] = layout.fn_to_fnuz_scales(out)
+        scales[stack] = layout.fn_to_fnuz_scales(out, inplace=True)
     return scales
 
 
