@@ -102,18 +102,18 @@ class ShardWriter:
         time hashes; the others record their range (read back later) and go on, none waits."""
         with self._lock:
             if raw is not None:
-                self._ahead[start] = (start + len(raw), raw)
+                self._ahead[start] = start + len(raw)  # the end only: holding `raw` would keep its tensor alive
             if self._hashing:
                 return
             self._hashing = True
         while True:
             with self._lock:
-                end, data = self._ahead.pop(self._hashed, (None, None))
+                range_start, end = self._hashed, self._ahead.pop(self._hashed, None)
                 if end is None:
                     self._hashing = False
                     self._idle.notify_all()
                     return
-            if data is raw:
+            if raw is not None and range_start == start:  # our own bytes, still in memory
                 self._digest.update(raw)
                 self._hashed = end
             else:  # another thread's buffer, maybe reused by now: read the file
