@@ -53,60 +53,17 @@ def _forward(hidden, topk_weights, topk_ids, w13, w2, *, mode, w13_scale=None, w
         tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i, mode=mode, device=hidden.device
     )
     align = align_routing(topk_ids, num_experts=e, block_m=config.block_m)
-    p = t * k
     weights = topk_weights.reshape(-1).float().contiguous()
-    if mode == "w8a8":
+    gemm = dict(align=align, num_pairs=t * k, mode=mode, fp8_format=fmt)
+    if mode == "w8a8":  # MXFP8 activations into both GEMMs
         xq, xs = quantize_mxfp8(hidden, fmt=fmt)
-        y1 = moe_gemm(
-            xq,
-            w13,
-            align=align,
-            num_pairs=p,
-            a_div=k,
-            tile=config.gemm1,
-            mode=mode,
-            a_scale=xs,
-            b_scale=w13_scale,
-            fp8_format=fmt,
-        )
+        y1 = moe_gemm(xq, w13, a_div=k, tile=config.gemm1, a_scale=xs, b_scale=w13_scale, **gemm)
         aq, as_ = swiglu_oai(y1, act=activation, quantize=fmt)
-        y2 = moe_gemm(
-            aq,
-            w2,
-            align=align,
-            num_pairs=p,
-            a_div=1,
-            tile=config.gemm2,
-            mode=mode,
-            a_scale=as_,
-            b_scale=w2_scale,
-            fp8_format=fmt,
-            topk_weights=weights,
-        )
-    else:
-        y1 = moe_gemm(
-            hidden.contiguous(),
-            w13,
-            align=align,
-            num_pairs=p,
-            a_div=k,
-            tile=config.gemm1,
-            mode=mode,
-            b_scale=w13_scale,
-            fp8_format=fmt,
-        )
-        y2 = moe_gemm(
-            swiglu_oai(y1, act=activation),
-            w2,
-            align=align,
-            num_pairs=p,
-            a_div=1,
-            tile=config.gemm2,
-            mode=mode,
-            b_scale=w2_scale,
-            fp8_format=fmt,
-            topk_weights=weights,
-        )
+        y2 = moe_gemm(aq, w2, a_div=1, tile=config.gemm2, a_scale=as_, b_scale=w2_scale, topk_weights=weights, **gemm)
+    else:  # BF16 activations; FP8 weights (w8a16) are dequantized in registers
+        y1 = moe_gemm(hidden.contiguous(), w13, a_div=k, tile=config.gemm1, b_scale=w13_scale, **gemm)
+        a2 = swiglu_oai(y1, act=activation)
+        y2 = moe_gemm(a2, w2, a_div=1, tile=config.gemm2, b_scale=w2_scale, topk_weights=weights, **gemm)
     return y2.view(t, k, h).sum(dim=1)  # one kernel, fp32 accumulation inside, BF16 out
 
 

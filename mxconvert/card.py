@@ -1,13 +1,13 @@
 """The model card `README.md` of a converted checkpoint: Hub metadata, what the conversion did, how to load it."""
 
 import json
-import os
 from pathlib import Path
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import format as fmt
+from .writer import write_atomic
 
 TAGS = ["mxfp8", "fp8", "fnuz", "mi300x", "moe"]
 LIBRARY_NAME = "mxconvert"  # transformers cannot load this format; mxconvert's runtime and vLLM plugin can
@@ -46,9 +46,7 @@ def write_model_card(
         )
     )
     path = out_dir / fmt.CARD_NAME
-    tmp = out_dir / f".{fmt.CARD_NAME}.tmp"
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, str(card).encode("utf-8"))
     return path
 
 
