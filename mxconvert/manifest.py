@@ -10,9 +10,8 @@ from . import __version__, layout
 from . import format as fmt
 from .checkpoint import SourceCheckpoint, read_header
 from .errors import MxconvertError
-from .writer import write_json_atomic
+from .writer import HASH_CHUNK, write_json_atomic
 
-HASH_CHUNK = 16 * 2**20
 
 
 def sha256_file(path: Path) -> str:

@@ -17,7 +17,7 @@ from .errors import MxconvertError
 from .plan import OutputTensor, Plan
 
 PARTIAL = ".partial"  # suffix of files still being written
-HASH_CHUNK = 16 * 2**20
+HASH_CHUNK = 16 * 2**20  # bytes per read when hashing or comparing files
 RELEASE_STEP = 256 * 2**20
 
 
