@@ -13,7 +13,6 @@ from .errors import MxconvertError
 from .writer import HASH_CHUNK, write_json_atomic
 
 
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
