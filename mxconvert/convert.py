@@ -55,6 +55,10 @@ def convert(
     """
     if bf16 not in ("materialize", "derive"):
         raise MxconvertError("--bf16", f"{bf16!r} is not materialize or derive", "Pick one of the two")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise MxconvertError(
+            "--device", f"{device!r} is not available here", "Use --device cpu: the bytes are the same"
+        )
     if not 0 <= bf16_max_tokens < bf16_min_tokens:
         raise MxconvertError(
             "--bf16-max-tokens",
@@ -165,7 +169,10 @@ def _prepare_out_dir(out: Path, source_dir: Path, *, force: bool) -> Path:
                 out, "already exists and is not empty", "Pass --force to replace it, or pick another OUT_DIR"
             )
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MxconvertError(out, f"cannot be created ({e.strerror})", "Pick a writable OUT_DIR") from e
     return out
 
 

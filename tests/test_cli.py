@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 from make_tiny_checkpoint import make_tiny_checkpoint
 
@@ -58,6 +59,13 @@ def test_bad_option_values_are_usage_errors(source, tmp_path):
     assert result.exit_code == 1 and "--max-shard-size" in result.output
     result = run(source, tmp_path / "o", "--bf16-max-tokens", 2048)
     assert result.exit_code == 1 and "--bf16-min-tokens" in result.output
+    if not torch.cuda.is_available():
+        result = run(source, tmp_path / "o", "--device", "cuda")
+        assert result.exit_code == 1 and result.output.startswith("Error: --device: 'cuda' is not available")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run(source, blocker / "out")
+    assert result.exit_code == 1 and "cannot be created" in result.output and "Traceback" not in result.output
 
 
 def test_dry_run_version_and_help(source, tmp_path):
