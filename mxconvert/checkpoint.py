@@ -68,7 +68,25 @@ def read_header(path: Path) -> tuple[dict, int, bytes]:
     except (OSError, ValueError) as e:
         raise MxconvertError(path, f"cannot read the safetensors header ({e})", "Re-download the file") from e
     header.pop("__metadata__", None)
+    _check_layout(path, header, os.path.getsize(path) - 8 - size)
     return header, 8 + size, raw
+
+
+def _check_layout(path: Path, header: dict, data_size: int) -> None:
+    """Each tensor's bytes lie in the file, no two overlap, and their size matches dtype and shape."""
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        begin, stop = entry["data_offsets"]
+        count = 1
+        for d in entry["shape"]:
+            count *= d
+        itemsize = DTYPE_BYTES.get(entry["dtype"])  # a dtype we do not know is passed through unchecked
+        if begin < end or stop > data_size or (itemsize and stop - begin != count * itemsize):
+            raise MxconvertError(
+                path, f"header entry {name} has offsets [{begin}, {stop}) that overlap, run past the file's "
+                f"{data_size} data bytes or do not fit {entry['dtype']} {entry['shape']}", "Re-download this shard",
+            )  # fmt: skip
+        end = stop
 
 
 class SourceCheckpoint:
@@ -98,6 +116,7 @@ class SourceCheckpoint:
                 self.tensors[name] = TensorInfo(
                     name, shard, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin
                 )
+        self._check_index()
         self.groups = self._expert_groups()
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()  # reads come from several threads
@@ -124,6 +143,21 @@ class SourceCheckpoint:
             if not shard.is_file():
                 raise MxconvertError(shard, f"is named in {INDEX_NAME} but missing", "Re-download the checkpoint")
         return shards
+
+    def _check_index(self) -> None:
+        """The index names every tensor of every shard, each in the shard that holds it."""
+        if not (self.dir / INDEX_NAME).is_file():
+            return
+        weight_map = self._load_json(self.dir / INDEX_NAME).get("weight_map", {})
+        for name, shard in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != shard:
+                raise MxconvertError(name, f"is in {INDEX_NAME} under {shard} but not in that shard",
+                                     "Re-download the checkpoint (index and shards differ)")  # fmt: skip
+        for name, info in self.tensors.items():
+            if name not in weight_map:
+                raise MxconvertError(name, f"is in {info.file.name} but not in {INDEX_NAME}",
+                                     "Re-download the checkpoint (index and shards differ)")  # fmt: skip
 
     def _expert_groups(self) -> dict[str, ExpertGroup]:
         groups: dict[str, ExpertGroup] = {}

@@ -40,6 +40,8 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
+        if self.source is not None:
+            return self.source.nbytes
         n = DTYPE_BYTES[self.dtype]
         for d in self.shape:
             n *= d
