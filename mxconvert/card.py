@@ -10,7 +10,7 @@ from . import format as fmt
 from .writer import write_atomic
 
 TAGS = ["mxfp8", "fp8", "fnuz", "mi300x", "moe"]
-LIBRARY_NAME = "mxconvert"  # transformers cannot load this format; mxconvert's runtime and vLLM plugin can
+LIBRARY_NAME = "mxconvert"  # transformers cannot load this format; mxconvert's kernels can
 # Metadata a converted model shares with its source: the licence above all, then what the model is for.
 COPIED_FROM_SOURCE = ("license", "license_name", "license_link", "language", "pipeline_tag")
 
@@ -130,15 +130,15 @@ MI300X can serve: MI300X has no MX hardware and its FP8 is E4M3**FNUZ**, not the
 {rows}
 
 ## How to load it
-Install mxconvert on the MI300X host (`pip install mxconvert`); it brings the runtime and registers
-its vLLM plugin, so vLLM picks the format up from `config.json`:
+Install mxconvert on the host (`pip install mxconvert`) and check the files first:
 
 ```bash
 hf download THIS_REPO_ID --local-dir OUT_DIR  # or use a local conversion as OUT_DIR
 mxconvert verify OUT_DIR
-vllm serve OUT_DIR
 ```
 
-Without vLLM, the mxconvert runtime (`mxconvert.runtime`) loads the experts from this directory and
-dispatches each batch by its size as above.
+`mxconvert.kernels.moe` runs the experts as stored (`moe_experts_mxfp8` on the FP8 tensors,
+`moe_experts_bf16` on the BF16 copies). As of mxconvert {version}, a loader with dispatch by batch
+size (`mxconvert.runtime`) and a vLLM plugin (`vllm serve OUT_DIR`) are being built; see the mxconvert
+README for what a given version provides.
 """
