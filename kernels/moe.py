@@ -45,10 +45,14 @@ def _check(hidden, topk_weights, topk_ids, w13, w2):
     return t, h, e, n1 // 2, topk_ids.shape[1]
 
 
-def _forward(hidden, topk_weights, topk_ids, w13, w2, *, mode, w13_scale=None, w2_scale=None, activation, config, fmt):
+def _forward(
+    hidden, topk_weights, topk_ids, w13, w2, *, mode, w13_scale=None, w2_scale=None, activation, config, fmt, outside
+):
     t, h, e, i, k = _check(hidden, topk_weights, topk_ids, w13, w2)
     if t == 0:
         return torch.empty(0, h, dtype=torch.bfloat16, device=hidden.device)
+    if outside:  # experts held elsewhere: id E is counted nowhere, so its pairs stay unwritten zeros
+        topk_ids = torch.where((topk_ids >= 0) & (topk_ids < e), topk_ids, e)
     config = config or cfg.moe_config(
         tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i, mode=mode, device=hidden.device
     )
@@ -59,11 +63,21 @@ def _forward(hidden, topk_weights, topk_ids, w13, w2, *, mode, w13_scale=None, w
         xq, xs = quantize_mxfp8(hidden, fmt=fmt)
         y1 = moe_gemm(xq, w13, a_div=k, tile=config.gemm1, a_scale=xs, b_scale=w13_scale, **gemm)
         aq, as_ = swiglu_oai(y1, act=activation, quantize=fmt)
-        y2 = moe_gemm(aq, w2, a_div=1, tile=config.gemm2, a_scale=as_, b_scale=w2_scale, topk_weights=weights, **gemm)
+        y2 = moe_gemm(
+            aq,
+            w2,
+            a_div=1,
+            tile=config.gemm2,
+            a_scale=as_,
+            b_scale=w2_scale,
+            topk_weights=weights,
+            zero=outside,
+            **gemm,
+        )
     else:  # BF16 activations; FP8 weights (w8a16) are dequantized in registers
         y1 = moe_gemm(hidden.contiguous(), w13, a_div=k, tile=config.gemm1, b_scale=w13_scale, **gemm)
         a2 = swiglu_oai(y1, act=activation)
-        y2 = moe_gemm(a2, w2, a_div=1, tile=config.gemm2, b_scale=w2_scale, topk_weights=weights, **gemm)
+        y2 = moe_gemm(a2, w2, a_div=1, tile=config.gemm2, b_scale=w2_scale, topk_weights=weights, zero=outside, **gemm)
     return y2.view(t, k, h).sum(dim=1)  # one kernel, fp32 accumulation inside, BF16 out
 
 
@@ -80,11 +94,14 @@ def moe_experts_mxfp8(
     mode: str | None = None,
     fp8_format: str | None = None,
     config: cfg.MoeConfig | None = None,
+    zero_outside_experts: bool = False,
 ) -> torch.Tensor:
     """Native MXFP8 experts: w13 [E, 2I, H] / w2 [E, H, I] FNUZ bytes, scales [E, H/32, 2I] / [E, I/32, H].
 
     mode "w8a8" (MXFP8 activations) or "w8a16" (BF16 activations, weights dequantized in registers);
     default native_mode(device). fp8_format default cfg.fp8_format(device) ("fn" on NVIDIA).
+    zero_outside_experts: topk_ids outside [0, E) (experts on other ranks) contribute zero; otherwise
+    every id must lie in [0, E).
     """
     mode = mode or native_mode(hidden.device)
     if mode not in ("w8a8", "w8a16"):
@@ -101,6 +118,7 @@ def moe_experts_mxfp8(
         activation=activation,
         config=config,
         fmt=fp8_format or cfg.fp8_format(hidden.device),
+        outside=zero_outside_experts,
     )
 
 
@@ -113,10 +131,20 @@ def moe_experts_bf16(
     w2_bf16: torch.Tensor,
     activation: SwigluOAI = SwigluOAI(),
     config: cfg.MoeConfig | None = None,
+    zero_outside_experts: bool = False,
 ) -> torch.Tensor:
-    """BF16 experts: w13_bf16 [E, 2I, H], w2_bf16 [E, H, I]."""
+    """BF16 experts: w13_bf16 [E, 2I, H], w2_bf16 [E, H, I]; zero_outside_experts as moe_experts_mxfp8."""
     return _forward(
-        hidden, topk_weights, topk_ids, w13_bf16, w2_bf16, mode="bf16", activation=activation, config=config, fmt="fn"
+        hidden,
+        topk_weights,
+        topk_ids,
+        w13_bf16,
+        w2_bf16,
+        mode="bf16",
+        activation=activation,
+        config=config,
+        fmt="fn",
+        outside=zero_outside_experts,
     )
 
 
@@ -133,7 +161,7 @@ def moe_experts_reference(
     """float32 forward from float weights w13 [E, 2I, H], w2 [E, H, I] (dequantized first).
 
     quantize="fn"/"fnuz" emulates W8A8: both GEMM inputs pass through quantize_mxfp8_reference.
-    GEMM1's output is rounded to BF16, as the kernels store it.
+    GEMM1's output is rounded to BF16, as the kernels store it. Ids outside [0, E) contribute zero.
     """
 
     def q(x):
@@ -146,7 +174,7 @@ def moe_experts_reference(
     ids = topk_ids.reshape(-1)
     x = q(hidden)
     out = torch.zeros(ids.numel(), h, dtype=torch.float32, device=hidden.device)
-    for e in ids.unique().tolist():
+    for e in [e for e in ids.unique().tolist() if 0 <= e < w13.shape[0]]:
         p = (ids == e).nonzero().flatten()
         y1 = (x[p // topk_ids.shape[1]] @ w13[e].float().T).to(torch.bfloat16)
         out[p] = q(swiglu_oai_reference(y1, act=activation)) @ w2[e].float().T

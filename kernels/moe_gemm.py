@@ -30,8 +30,10 @@ def moe_gemm(
     b_scale: torch.Tensor | None = None,
     fp8_format: str = "fn",
     topk_weights: torch.Tensor | None = None,
+    zero: bool = False,
 ) -> torch.Tensor:
     """C [P, N] BF16 = A[p // a_div] @ B[expert(p)]^T (* topk_weights[p]); no host synchronization.
+    Rows of pairs that no block holds (ids outside [0, E)) are left unwritten: zeros with zero=True.
 
     FP8 B bytes are E4M3FNUZ. fp8_format "fnuz" feeds them to the dot as they are (gfx942); "fn" reads
     them as E4M3FN, which doubles each value, and lowers every scale exponent by one (exact) to undo it.
@@ -49,7 +51,7 @@ def moe_gemm(
         )
     if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values()):
         raise MxconvertError("moe_gemm", "w8a8 without FP8 activations", "quantize A with quantize_mxfp8")
-    c = torch.empty(num_pairs, n, dtype=torch.bfloat16, device=a.device)
+    c = (torch.zeros if zero else torch.empty)(num_pairs, n, dtype=torch.bfloat16, device=a.device)
     if num_pairs == 0:
         return c
     if mode != "bf16":
