@@ -93,3 +93,22 @@ def test_cuda_graph_replay(path, gen):
     torch.cuda.synchronize()
     ref = moe_experts_reference(x, w, ids, **wf, quantize=fp8_format(x.device) if path == "w8a8" else None)
     assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("path", ["bf16", "w8a16", "w8a8"])
+def test_zero_outside_experts(path, device, gen):
+    # expert parallelism: ids of other ranks' experts (negative, E, far above) contribute exactly zero
+    t, k, e, h, i = 6, 3, 4, 64, 32
+    x, w, ids, fp8, wf = make(t, k, e, h, i, gen, device)
+    foreign = torch.tensor([-1, e, 1000, -300], dtype=ids.dtype, device=device)
+    mask = torch.rand(t, k, generator=gen).to(device) < 0.5
+    mask[0] = True  # token 0 has no expert here: its row is zero
+    ids_ep = torch.where(mask, foreign[torch.arange(t * k, device=device).view(t, k) % 4], ids)
+    ref = moe_experts_reference(x, w, ids_ep, **wf, quantize=fp8_format(device) if path == "w8a8" else None)
+    if path == "bf16":
+        bf = dict(w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16())
+        out = moe_experts_bf16(x, w, ids_ep, **bf, zero_outside_experts=True)
+    else:
+        out = moe_experts_mxfp8(x, w, ids_ep, **fp8, mode=path, zero_outside_experts=True)
+    assert torch.count_nonzero(out[0]) == 0 and ref[0].abs().sum() == 0
+    assert rel_err(out, ref) < 2e-2
