@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import MxconvertError
+from .layout import BLOCK
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -31,8 +32,12 @@ EXPERT_NAME = re.compile(
     r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\."
     r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<kind>weight|weight_scale_inv|weight_scale)$"
 )
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; "./x", "../x" are paths
 PROJECTION = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 MXFP8_METHODS = ("mxfp8", "compressed-tensors")
+MXFP8_WEIGHTS = {"num_bits": 8, "type": "float", "group_size": BLOCK}  # compressed-tensors' MXFP8 weights
+CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_local_experts", "num_hidden_layers")
+ALIGNED_SIZES = ("hidden_size", "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -62,31 +67,53 @@ def read_header(path: Path) -> tuple[dict, int, bytes]:
                 raise MxconvertError(path, "file is shorter than a safetensors header", "Re-download it")
             (size,) = struct.unpack("<Q", head)
             if size > 100_000_000 or size > os.path.getsize(path) - 8:
-                raise MxconvertError(path, f"header length {size} is corrupt", "Re-download the file")
+                raise MxconvertError(
+                    path, f"header length {size} is corrupt or the file is truncated", "Re-download this file"
+                )
             raw = f.read(size)
         header = json.loads(raw)
     except (OSError, ValueError) as e:
-        raise MxconvertError(path, f"cannot read the safetensors header ({e})", "Re-download the file") from e
+        raise MxconvertError(path, f"cannot read the safetensors header ({e})", "Re-download this file") from e
+    if not isinstance(header, dict):
+        raise MxconvertError(path, "safetensors header is not a JSON object", "Re-download this file")
     header.pop("__metadata__", None)
     _check_layout(path, header, os.path.getsize(path) - 8 - size)
     return header, 8 + size, raw
 
 
+def _entry_ok(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+    offsets = entry.get("data_offsets")
+    return isinstance(entry.get("dtype"), str) and ints(entry.get("shape")) and ints(offsets) and len(offsets) == 2
+
+
 def _check_layout(path: Path, header: dict, data_size: int) -> None:
-    """Each tensor's bytes lie in the file, no two overlap, and their size matches dtype and shape."""
-    end = 0
-    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+    """Each entry is well-formed, its bytes lie in the file, no two overlap, and sizes match dtype and shape."""
+    for name, entry in header.items():
+        if not _entry_ok(entry):
+            problem = f"header entry {name} is corrupt (needs dtype, shape and two data_offsets)"
+            raise MxconvertError(path, problem, "Re-download this file")
+    previous, end = None, 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
         begin, stop = entry["data_offsets"]
-        count = 1
-        for d in entry["shape"]:
+        count, shape = 1, entry["shape"]
+        for d in shape:
             count *= d
         itemsize = DTYPE_BYTES.get(entry["dtype"])  # a dtype we do not know is passed through unchecked
-        if begin < end or stop > data_size or (itemsize and stop - begin != count * itemsize):
-            raise MxconvertError(
-                path, f"header entry {name} has offsets [{begin}, {stop}) that overlap, run past the file's "
-                f"{data_size} data bytes or do not fit {entry['dtype']} {entry['shape']}", "Re-download this shard",
-            )  # fmt: skip
-        end = stop
+        if stop < begin:
+            problem = f"header is corrupt: tensor {name} has data_offsets [{begin}, {stop}) that run backwards"
+        elif stop > data_size:
+            problem = f"is truncated: tensor {name} ends at data byte {stop} but the file holds {data_size}"
+        elif begin < end:
+            problem = f"header is corrupt: tensor {name} at [{begin}, {stop}) overlaps {previous} (ends at {end})"
+        elif itemsize and stop - begin != count * itemsize:
+            problem = f"header is corrupt: tensor {name} has {stop - begin} bytes, not {entry['dtype']} {shape}"
+        else:
+            previous, end = name, stop
+            continue
+        raise MxconvertError(path, problem, "Re-download this file")
 
 
 class SourceCheckpoint:
@@ -95,16 +122,12 @@ class SourceCheckpoint:
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
-            raise MxconvertError(self.dir, "is not a directory", "Pass a checkpoint directory or a Hub repo id")
+            problem = "is not a directory" if self.dir.exists() else "does not exist"
+            raise MxconvertError(self.dir, problem, "Pass a checkpoint directory or a Hub repo id")
         self.config = self._load_json(self.dir / "config.json")
         self.text_config = self.config.get("text_config", self.config)
+        self._check_config()
         self.quant_config = self.config.get("quantization_config") or self.text_config.get("quantization_config")
-        method = (self.quant_config or {}).get("quant_method")
-        if method not in MXFP8_METHODS:
-            raise MxconvertError(
-                self.dir / "config.json", f"quantization_config.quant_method is {method!r}, not an MXFP8 checkpoint",
-                "Convert the MiniMax-M3 MXFP8 release (quant_method 'mxfp8')",
-            )  # fmt: skip
         self.shards = self._shard_files()
         self.header_sha256: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -125,13 +148,55 @@ class SourceCheckpoint:
         if not path.is_file():
             raise MxconvertError(path, "is missing", "Pass the directory of a Hugging Face checkpoint")
         try:
-            return json.loads(path.read_text())
-        except ValueError as e:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
             raise MxconvertError(path, f"is not valid JSON ({e})", "Re-download it") from e
+        if not isinstance(data, dict):
+            raise MxconvertError(path, "is not a JSON object", "Re-download it")
+        return data
+
+    def _check_config(self) -> None:
+        """The sizes the plan relies on (32-aligned where MXFP8 needs it), and MXFP8 quantization."""
+        path, where = self.dir / "config.json", "text_config." if "text_config" in self.config else ""
+        fix = "Pass a MiniMax-M3 MXFP8 checkpoint (its config.json unchanged)"
+        if not isinstance(self.text_config, dict):
+            raise MxconvertError(path, "text_config is not a JSON object", fix)
+        for key in CONFIG_SIZES:
+            value = self.text_config.get(key)
+            if type(value) is not int or value <= 0:
+                raise MxconvertError(path, f"{where}{key} is {value!r}, not a positive integer", fix)
+            if key in ALIGNED_SIZES and value % BLOCK:
+                raise MxconvertError(path, f"{where}{key} {value} is not a multiple of {BLOCK} (the MXFP8 block)", fix)
+        quant = self.config.get("quantization_config") or self.text_config.get("quantization_config")
+        quant = quant if isinstance(quant, dict) else {}
+        method = quant.get("quant_method")
+        if method not in MXFP8_METHODS:
+            raise MxconvertError(
+                path, f"quantization_config.quant_method is {method!r}, not an MXFP8 checkpoint",
+                "Convert the MiniMax-M3 MXFP8 release (quant_method 'mxfp8')",
+            )  # fmt: skip
+        block = quant.get("weight_block_size", [1, BLOCK])
+        if method == "mxfp8" and block != [1, BLOCK]:
+            raise MxconvertError(
+                path, f"quantization_config.weight_block_size is {block}, not [1, {BLOCK}] (MXFP8)",
+                "Convert the MiniMax-M3 MXFP8 release",
+            )  # fmt: skip
+        groups = quant.get("config_groups") if method == "compressed-tensors" else None
+        for name, group in (groups if isinstance(groups, dict) else {}).items():
+            weights = group.get("weights") if isinstance(group, dict) else None
+            if isinstance(weights, dict) and any(weights.get(k, v) != v for k, v in MXFP8_WEIGHTS.items()):
+                raise MxconvertError(
+                    path, f"quantization_config.config_groups.{name}.weights is not MXFP8 (8-bit float, group_size "
+                    f"{BLOCK})", "Convert an MXFP8 checkpoint",
+                )  # fmt: skip
 
     def _shard_files(self) -> list[Path]:
         if (self.dir / INDEX_NAME).is_file():
-            weight_map = self._load_json(self.dir / INDEX_NAME).get("weight_map", {})
+            weight_map = self._load_json(self.dir / INDEX_NAME).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MxconvertError(
+                    self.dir / INDEX_NAME, "weight_map is not a map of tensor names to shard files", "Re-download it"
+                )
             shards = [self.dir / name for name in sorted(set(weight_map.values()))]
         elif (self.dir / SINGLE_NAME).is_file():
             shards = [self.dir / SINGLE_NAME]
@@ -213,10 +278,10 @@ def resolve_model_dir(model_dir: str | Path, *, allow_patterns: tuple[str, ...])
     Returns the directory and what identifies the source: {"path"} or {"repo_id", "revision"}.
     """
     local = Path(model_dir).expanduser()
-    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(model_dir)):
+    if local.exists() or not REPO_ID.fullmatch(str(model_dir)):
         return local, {"path": str(local.resolve())}
     from huggingface_hub import snapshot_download  # network only when a repo id is given
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         path = Path(snapshot_download(str(model_dir), allow_patterns=list(allow_patterns)))
@@ -232,4 +297,6 @@ def resolve_model_dir(model_dir: str | Path, *, allow_patterns: tuple[str, ...])
             f"cannot be fetched from the Hub ({e.__class__.__name__})",
             "Check the repo id, your network and HF_TOKEN",
         ) from e
+    except HFValidationError as e:
+        raise MxconvertError(model_dir, "is neither a local directory nor a Hub repo id", "Check the path") from e
     return path, {"repo_id": str(model_dir), "revision": path.name}

@@ -5,7 +5,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import MxconvertError
+from .errors import MxconvertError, OptionError
 
 EXAMPLES = """
 \b
@@ -27,18 +27,47 @@ class _DefaultToConvert(click.Group):
         return super().parse_args(ctx, args)
 
 
+class _UsageError(click.ClickException):
+    """A usage error already worded as one `Error:` line: exit code 2, no usage block."""
+
+    exit_code = 2
+
+
+class _Command(click.Command):
+    """Usage errors as one line, `Error: <option>: <problem>. <fix>.`, exit code 2 (no usage block)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            command = " ".join(n for n in (parent.info_name if parent else None, info_name) if n)
+            if isinstance(e, click.BadParameter) and not isinstance(e, click.MissingParameter) and e.param:
+                subject, problem = (e.param.opts or [e.param.human_readable_name])[0], e.message
+            elif isinstance(e, click.NoSuchOption):
+                maybe = f" (did you mean {' or '.join(sorted(e.possibilities))}?)" if e.possibilities else ""
+                subject, problem = e.option_name, f"is not an option of {command}{maybe}"
+            else:
+                subject, problem = command, e.format_message()
+            line = f"{subject}: {problem.rstrip('.')}. Run '{command} --help' for the options."
+            raise _UsageError(line) from None
+
+
 def _run(
     fn,
     *,
     interrupted: str = "Interrupted: OUT_DIR has no manifest, so it is not a finished conversion. "
-    "Run the same command with --force to convert again.",
+    "Run the same command with --resume to go on (finished shards are kept).",
     **kwargs,
 ):
-    """MxconvertError and Ctrl-C become one line on stderr, never a traceback."""
+    """MxconvertError, OSError and Ctrl-C become one line on stderr, never a traceback."""
     try:
         return fn(**kwargs)
+    except OptionError as e:
+        raise _UsageError(str(e)) from None
     except MxconvertError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a disk or file system failure outside the checked paths
+        raise click.ClickException(f"{e.filename or 'disk'}: {e.strerror or e}. Fix that, then run again") from None
     except KeyboardInterrupt:
         click.echo("\n" + interrupted, err=True)
         sys.exit(130)
@@ -50,7 +79,7 @@ def main():
     """Convert MiniMax-M3 MXFP8 checkpoints into the MI300X-ready format (FNUZ FP8, packed scales, BF16 copies)."""
 
 
-@main.command(epilog=EXAMPLES)
+@main.command(cls=_Command, epilog=EXAMPLES)
 @click.argument("model_dir")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
@@ -89,6 +118,11 @@ def main():
     help="Where the BF16 copies are computed (bit-identical either way).",
 )
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Go on with an interrupted conversion in OUT_DIR (same input and options): keep its finished shards.",
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (bytes written).")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo (see `mxconvert push`).")
 def convert(**kwargs):
@@ -96,13 +130,16 @@ def convert(**kwargs):
     from .convert import convert as run_convert
 
     plan = _run(run_convert, **kwargs)
-    if not kwargs["dry_run"]:
-        click.echo(
-            f"Wrote {len(plan.shards)} shards ({plan.output_bytes / 2**30:.2f} GiB) to {kwargs['out_dir']}; verified."
-        )
+    out = kwargs["out_dir"]
+    if plan.complete:
+        click.echo(f"Already finished: {out} holds this conversion (same input and options); nothing to do.")
+    elif not kwargs["dry_run"]:
+        kept = f", kept {len(plan.kept)} finished before" if plan.kept else ""
+        written = len(plan.shards) - len(plan.kept)
+        click.echo(f"Wrote {written} shards ({plan.output_bytes / 2**30:.2f} GiB in all) to {out}{kept}; verified.")
 
 
-@main.command(epilog=EXAMPLES)
+@main.command(cls=_Command, epilog=EXAMPLES)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
     "--source", type=click.Path(file_okay=False), help="Also compare every tensor with this source checkpoint."
@@ -121,7 +158,7 @@ def verify(out_dir, source, quick):
     )
 
 
-@main.command(epilog=EXAMPLES)
+@main.command(cls=_Command, epilog=EXAMPLES)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private; refused if it exists and is public.")

@@ -1,6 +1,7 @@
 """convert(): a MiniMax-M3 MXFP8 checkpoint in, the MI300X format of FORMAT.md out, streamed.
 
-read headers -> plan -> stream every tensor into its shard -> config, index, side files, card ->
+read headers -> plan -> OUT_DIR rules (--force, --resume) -> check every expert scale and the free disk ->
+stream every tensor into its shard (recording each finished one) -> config, index, side files, card ->
 manifest last -> verify (cheap part).
 """
 
@@ -8,22 +9,22 @@ import ctypes
 import fnmatch
 import json
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, outdir
 from . import format as fmt
 from .card import write_model_card
 from .checkpoint import SINGLE_NAME, SourceCheckpoint, resolve_model_dir
-from .errors import MxconvertError
+from .errors import MxconvertError, OptionError
 from .manifest import sha256_file, verify, write_manifest
-from .plan import Plan, make_plan, parse_size
-from .stream import copy_tensor, write_group
-from .writer import PARTIAL, ShardSet, write_atomic, write_json_atomic
+from .outdir import Record
+from .plan import Plan, Shard, make_plan, parse_size
+from .stream import check_scales, copy_tensor, write_group
+from .writer import PARTIAL, ShardSet, ShardWriter, crash_point, safetensors_header, write_atomic, write_json_atomic
 
 SIDE_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken",
@@ -32,6 +33,7 @@ SIDE_FILES = (
 )  # fmt: skip
 WORKERS = max(1, min(4, os.cpu_count() or 1))  # expert threads
 SOURCE_FILES = ("config.json", fmt.INDEX_NAME, "*.safetensors", "README.md", *SIDE_FILES)  # what a Hub fetch needs
+SMALL_FILES = 4 * 2**20  # disk allowance for config, index, card, manifest and record (each well under it)
 
 
 def convert(
@@ -46,25 +48,17 @@ def convert(
     dry_run: bool = False,
     device: str = "cpu",
     force: bool = False,
+    resume: bool = False,
     progress: bool = True,
     push_to_hub: str | None = None,
 ) -> Plan:
     """Convert MODEL_DIR (a local directory or a Hub repo id) into OUT_DIR; returns the plan it followed.
 
+    resume: go on with an interrupted conversion in OUT_DIR (same input and options), keeping its
+    finished shards; plan.kept names them, plan.complete says OUT_DIR was finished already.
     push_to_hub: a Hub repo id to upload the verified result to (mxconvert.hub.push, with its defaults).
     """
-    if bf16 not in ("materialize", "derive"):
-        raise MxconvertError("--bf16", f"{bf16!r} is not materialize or derive", "Pick one of the two")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise MxconvertError(
-            "--device", f"{device!r} is not available here", "Use --device cpu: the bytes are the same"
-        )
-    if not 0 <= bf16_max_tokens < bf16_min_tokens:
-        raise MxconvertError(
-            "--bf16-max-tokens",
-            f"{bf16_max_tokens} is not below --bf16-min-tokens {bf16_min_tokens}",
-            "The native band lies between them; pick max < min",
-        )
+    shard_bytes = _check_options(bf16, device, bf16_max_tokens, bf16_min_tokens, max_shard_size, force, resume)
     options = dict(
         long_context=long_context,
         bf16=bf16,
@@ -73,15 +67,90 @@ def convert(
         max_shard_size=max_shard_size,
     )
     local_dir, source_id = resolve_model_dir(model_dir, allow_patterns=SOURCE_FILES)
+    outdir.check_paths(Path(out_dir), local_dir)
     source = SourceCheckpoint(local_dir)
-    plan = make_plan(source, long_context=long_context, bf16=bf16, max_shard_size=parse_size(max_shard_size))
-    if dry_run:
-        print(describe(plan, source))
-        return plan
+    try:
+        plan = make_plan(source, long_context=long_context, bf16=bf16, max_shard_size=shard_bytes)
+        if dry_run:
+            print(describe(plan, source))
+            return plan
+        ident = outdir.identity(options=options, source=source, plan=plan)
+        state = outdir.inspect(Path(out_dir), local_dir, force=force, resume=resume, ident=ident, workers=WORKERS)
+        plan.kept = sorted(state.kept)
+        if state.complete:
+            verify(out_dir=state.path, full=False)
+            for path in state.stale:  # a record left by a run killed just after its manifest
+                path.unlink(missing_ok=True)
+            plan.complete = True
+            return plan
+        todo = [shard for shard in plan.shards if shard.name not in state.kept]
+        _check_before_writing(source, plan, todo, state, local_dir, progress=progress)
+        record = state.open(ident)
+        crash_point("start")
+        out = state.path
+        hashes = {name: f["sha256"] for name, f in state.kept.items()}
+        hashes |= _write_shards(source, plan, out, todo, record=record, device=device, progress=progress)
+        for name in _write_small_files(out, local_dir, source, source_id, plan, options, model_dir):
+            hashes[name] = sha256_file(out / name)
+        write_manifest(out, options=options, source=source, source_id=source_id, files=hashes)
+    finally:
+        source.close()
+    record.remove()
+    try:
+        verify(out_dir=out, full=False)
+    except MxconvertError:
+        (out / fmt.MANIFEST_NAME).unlink()  # never leave a broken output that looks finished
+        raise
+    if push_to_hub:
+        from .hub import push  # huggingface_hub's upload machinery only when asked for
 
-    out = _prepare_out_dir(Path(out_dir), local_dir, force=force)
-    hashes = _write_shards(source, plan, out, device=device, progress=progress)
+        push(out_dir=out, repo_id=push_to_hub)
+    return plan
 
+
+def _check_options(bf16, device, bf16_max_tokens, bf16_min_tokens, max_shard_size, force, resume) -> int:
+    """Option values and combinations, before anything is read; returns the shard size in bytes."""
+    if force and resume:
+        raise OptionError(
+            "--force", "and --resume exclude each other", "Pass --resume to keep finished shards, --force to start over"
+        )
+    if bf16 not in ("materialize", "derive"):
+        raise OptionError("--bf16", f"{bf16!r} is not materialize or derive", "Pick one of the two")
+    if device not in ("cpu", "cuda"):
+        raise OptionError("--device", f"{device!r} is not cpu or cuda", "Pick one of the two")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MxconvertError("--device", "'cuda' is not available here", "Use --device cpu: the bytes are the same")
+    if not 0 <= bf16_max_tokens < bf16_min_tokens:
+        raise OptionError(
+            "--bf16-max-tokens",
+            f"{bf16_max_tokens} is not below --bf16-min-tokens {bf16_min_tokens}",
+            "The native band lies between them; pick max < min",
+        )
+    return parse_size(max_shard_size)
+
+
+def _check_before_writing(
+    source: SourceCheckpoint, plan: Plan, todo: list[Shard], state: outdir.OutDir, source_dir: Path, *, progress: bool
+) -> None:
+    """The expert scales of every group still to write, then the free disk space. Values are checked
+    as they stream instead (a second pass over 400 GB would double the reading)."""
+    todo_names = {t.name for shard in todo for t in shard.tensors}
+    groups = [g for g in plan.groups if any(f"{g.prefix}.{kind}" in todo_names for kind in fmt.STORED[g.storage])]
+    total = sum(scale.nbytes for g in groups for slot in g.source.experts.values() for _, scale in slot.values())
+    with (
+        ThreadPoolExecutor(WORKERS) as pool,
+        tqdm(total=total, unit="B", unit_scale=True, desc="checking scales", disable=not progress) as bar,
+    ):
+        check_scales(source, groups, pool=pool, on_bytes=bar.update)
+    side = sum(path.stat().st_size for path in _side_files(source_dir))
+    shards = sum(len(safetensors_header(shard.tensors)[0]) + shard.nbytes for shard in todo)
+    outdir.check_free_space(state, needed=shards + side + SMALL_FILES)
+
+
+def _write_small_files(
+    out: Path, local_dir: Path, source: SourceCheckpoint, source_id: dict, plan: Plan, options: dict, model_dir: str
+) -> list[str]:
+    """config.json, the index, the side files and the card, after the shards; returns their names."""
     config = json.loads((local_dir / "config.json").read_text())
     _replace_quant_config(config, plan, source, options)
     write_json_atomic(out / "config.json", config)
@@ -90,9 +159,10 @@ def convert(
         out / fmt.INDEX_NAME,
         {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))},
     )
-    for path in _side_files(local_dir):
+    side = _side_files(local_dir)
+    for path in side:
         write_atomic(out / path.name, path.read_bytes())
-    write_model_card(
+    card = write_model_card(
         out_dir=out,
         source=str(model_dir),
         source_repo_id=source_id.get("repo_id"),
@@ -101,50 +171,59 @@ def convert(
         options=options,
         version=__version__,
     )
-    for path in sorted(out.iterdir()):
-        if path.name not in hashes and path.is_file():
-            hashes[path.name] = sha256_file(path)
-    write_manifest(out, options=options, source=source, source_id=source_id, files=hashes)
-    verify(out_dir=out, full=False)
-    if push_to_hub:
-        from .hub import push  # huggingface_hub's upload machinery only when asked for
-
-        push(out_dir=out, repo_id=push_to_hub)
-    return plan
+    return ["config.json", fmt.INDEX_NAME, *(path.name for path in side), card.name]
 
 
-def _write_shards(source: SourceCheckpoint, plan: Plan, out: Path, *, device: str, progress: bool) -> dict[str, str]:
-    """Stream every planned tensor into its shard; returns each shard's sha256.
+def _write_shards(
+    source: SourceCheckpoint, plan: Plan, out: Path, todo: list[Shard], *, record: Record, device: str, progress: bool
+) -> dict[str, str]:
+    """Stream every tensor of the `todo` shards into place; returns each shard's sha256.
 
-    Experts convert on WORKERS threads; a full shard is flushed and renamed on one more, so the
-    workers never wait on the disk. Shards are hashed as they are written (ShardWriter).
+    Experts convert on WORKERS threads; a full shard is flushed, renamed and recorded on one more, so
+    the workers never wait on the disk. Shards are hashed as they are written (ShardWriter).
     """
+    wanted = {t.name for shard in todo for t in shard.tensors}
+    kinds: dict[str, set[str]] = {}  # expert group -> its tensors to write
+    for t in plan.tensors:
+        if t.group is not None and t.name in wanted:
+            kinds.setdefault(t.group.prefix, set()).add(t.kind)
+
+    def finish(writer: ShardWriter) -> tuple[str, str]:
+        name, sha256 = writer.finish()
+        record.finished(name, writer.size, sha256)
+        crash_point("shard")
+        return name, sha256
+
     hashes, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over experts instead: no oversubscription of small ops
     with (
         ThreadPoolExecutor(WORKERS) as pool,
         ThreadPoolExecutor(1) as finisher,
-        tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar,
+        tqdm(
+            total=sum(s.nbytes for s in todo), unit="B", unit_scale=True, desc="converting", disable=not progress
+        ) as bar,
     ):
         finishing = []
-        sink = ShardSet(
-            out, plan, on_full=lambda writer: finishing.append(finisher.submit(writer.finish)), on_bytes=bar.update
-        )
+        sink = ShardSet(out, plan, on_full=lambda w: finishing.append(finisher.submit(finish, w)), on_bytes=bar.update)
         try:
-            done_groups = set()
             for t in plan.tensors:
+                if t.name not in wanted:
+                    continue
                 if t.source is not None:
                     copy_tensor(source, t.source, sink)
-                elif t.group.prefix not in done_groups:
-                    done_groups.add(t.group.prefix)
-                    write_group(source, t.group, sink, device=device, pool=pool, in_flight=WORKERS + 1)
+                elif t.group.prefix in kinds:
+                    group_kinds = kinds.pop(t.group.prefix)
+                    write_group(
+                        source, t.group, sink, device=device, pool=pool, in_flight=WORKERS + 1, kinds=group_kinds
+                    )
                     _release_freed_memory()
+                for done in [f for f in finishing if f.done()]:
+                    done.result()  # a shard that failed to finish stops the run now
             hashes.update(f.result() for f in finishing)
         except BaseException:
             sink.abort()
             raise
         finally:
-            source.close()
             torch.set_num_threads(threads)
     return hashes
 
@@ -156,24 +235,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _prepare_out_dir(out: Path, source_dir: Path, *, force: bool) -> Path:
-    """OUT_DIR must not be or hold the source; an existing one is replaced only with force."""
-    out, src = out.resolve(), source_dir.resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise MxconvertError(out, f"is, contains or lies inside the source {src}", "Pick an OUT_DIR outside MODEL_DIR")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise MxconvertError(
-                out, "already exists and is not empty", "Pass --force to replace it, or pick another OUT_DIR"
-            )
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MxconvertError(out, f"cannot be created ({e.strerror})", "Pick a writable OUT_DIR") from e
-    return out
 
 
 def _replace_quant_config(config: dict, plan: Plan, source: SourceCheckpoint, options: dict) -> None:

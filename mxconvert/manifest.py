@@ -21,6 +21,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_files(source: SourceCheckpoint) -> list[dict]:
+    """The input's fingerprint: each weight file's name, size and header sha256 (cheap: no tensor bytes)."""
+    return [
+        {"name": s.name, "size": s.stat().st_size, "header_sha256": source.header_sha256[s.name]} for s in source.shards
+    ]
+
+
 def write_manifest(
     out_dir: Path, *, options: dict, source: SourceCheckpoint, source_id: dict, files: dict[str, str]
 ) -> None:
@@ -29,13 +36,7 @@ def write_manifest(
         "format_version": fmt.FORMAT_VERSION,
         "tool": {"name": "mxconvert", "version": __version__},
         "options": options,
-        "source": {
-            **source_id,
-            "files": [
-                {"name": s.name, "size": s.stat().st_size, "header_sha256": source.header_sha256[s.name]}
-                for s in source.shards
-            ],
-        },
+        "source": {**source_id, "files": source_files(source)},
         "files": [{"name": n, "size": (out_dir / n).stat().st_size, "sha256": files[n]} for n in sorted(files)],
     }
     write_json_atomic(out_dir / fmt.MANIFEST_NAME, manifest)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from . import format as fmt
 from .checkpoint import DTYPE_BYTES, ExpertGroup, SourceCheckpoint, TensorInfo
-from .errors import MxconvertError
+from .errors import MxconvertError, OptionError
 from .layout import BLOCK
 
 PROJECTIONS = ("gate", "up", "down")
@@ -62,6 +62,8 @@ class Shard:
 class Plan:
     groups: list[PlannedGroup]
     shards: list[Shard]
+    kept: list[str] = field(default_factory=list)  # shards a --resume found finished and kept
+    complete: bool = False  # --resume found OUT_DIR already finished: nothing was written
 
     @property
     def tensors(self) -> list[OutputTensor]:
@@ -88,7 +90,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or float(m[1]) <= 0:
-        raise MxconvertError("--max-shard-size", f"{text!r} is not a size", "Write it like 5GB, 500MB or 2GiB")
+        raise OptionError("--max-shard-size", f"{text!r} is not a size", "Write it like 5GB, 500MB or 2GiB")
     unit = m[2].rstrip("B") or "B"
     scale = {
         "B": 1,
@@ -116,9 +118,9 @@ def _storage(prefix: str, *, long_context: bool, bf16: str) -> tuple[int | None,
     return layer, fmt.NATIVE_ONLY if bf16 == "derive" else fmt.DUAL
 
 
-def _check_group(group: ExpertGroup, num_experts: int | None) -> tuple[int, int, int]:
-    """(E, H, I) of a complete, well-formed group, or an error naming the first bad tensor."""
-    count = num_experts or max(group.experts) + 1
+def _check_group(group: ExpertGroup, text_config: dict) -> tuple[int, int, int]:
+    """(E, H, I) of a complete group shaped as config.json says, or an error naming the first bad tensor."""
+    count, hidden, inter = (text_config[k] for k in ("num_local_experts", "hidden_size", "intermediate_size"))
     for e in range(count):
         for proj in PROJECTIONS:
             weight, scale = group.experts.get(e, {}).get(proj, (None, None))
@@ -135,14 +137,6 @@ def _check_group(group: ExpertGroup, num_experts: int | None) -> tuple[int, int,
             f"has expert {max(group.experts)} but the config says {count} experts",
             "Check num_local_experts in config.json",
         )
-    gate = group.experts[0]["gate"][0]
-    inter, hidden = gate.shape if len(gate.shape) == 2 else (0, 0)
-    if hidden % BLOCK or inter % BLOCK or not hidden or not inter:
-        raise MxconvertError(
-            gate.name,
-            f"shape {list(gate.shape)} is not [I, H] with I and H multiples of {BLOCK}",
-            "Only MXFP8 checkpoints with 32-aligned sizes can be converted",
-        )
     want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
     for e in range(count):
         for proj, (rows, cols) in want.items():
@@ -154,7 +148,8 @@ def _check_group(group: ExpertGroup, num_experts: int | None) -> tuple[int, int,
                 if info.dtype not in dtypes or info.shape != shape:
                     raise MxconvertError(
                         info.name,
-                        f"is {info.dtype} {list(info.shape)}, expected {dtypes[0]} {list(shape)}",
+                        f"is {info.dtype} {list(info.shape)}, expected {dtypes[0]} {list(shape)} "
+                        f"(hidden_size {hidden}, intermediate_size {inter} in config.json)",
                         "The checkpoint is not MiniMax-M3 MXFP8-shaped; re-download it",
                     )
     return count, hidden, inter
@@ -162,12 +157,17 @@ def _check_group(group: ExpertGroup, num_experts: int | None) -> tuple[int, int,
 
 def make_plan(source: SourceCheckpoint, *, long_context: bool, bf16: str, max_shard_size: int) -> Plan:
     """Every output tensor in source order (a group's stacked tensors where its first expert stood), sharded."""
-    num_experts = source.text_config.get("num_local_experts")
     expert_names = {}
     groups: dict[str, PlannedGroup] = {}
     for prefix, group in source.groups.items():
-        count, hidden, inter = _check_group(group, num_experts)
+        count, hidden, inter = _check_group(group, source.text_config)
         layer, storage = _storage(prefix, long_context=long_context, bf16=bf16)
+        if layer is not None and layer >= source.text_config["num_hidden_layers"]:
+            raise MxconvertError(
+                prefix,
+                f"is layer {layer} but config.json says num_hidden_layers {source.text_config['num_hidden_layers']}",
+                "Re-download the checkpoint (config and weights differ)",
+            )
         groups[prefix] = PlannedGroup(prefix, layer, storage, count, hidden, inter, group)
         for slot in group.experts.values():
             for weight, scale in slot.values():

@@ -10,6 +10,7 @@ Shape legend: N out, K in, G = K // 32; w13 is [2I, H] per expert, w2 [H, I].
 import threading
 from collections import deque
 from concurrent.futures import Executor, wait
+from functools import partial
 
 import torch
 
@@ -17,7 +18,7 @@ from . import format as fmt
 from . import layout
 from .checkpoint import SourceCheckpoint, TensorInfo
 from .errors import MxconvertError
-from .plan import COPY_CHUNK, PlannedGroup
+from .plan import COPY_CHUNK, PROJECTIONS, PlannedGroup
 from .writer import ShardSet
 
 STACKS = (("w13", ("gate", "up")), ("w2", ("down",)))  # w13 rows: gate then up
@@ -72,11 +73,44 @@ def _bf16(values: torch.Tensor, scales: torch.Tensor, device: str) -> torch.Tens
     return out
 
 
-def read_scales(source: SourceCheckpoint, group: PlannedGroup) -> dict[str, torch.Tensor]:
+def check_scales(source: SourceCheckpoint, groups: list[PlannedGroup], *, pool: Executor, on_bytes=None) -> None:
+    """Every expert scale of these groups, checked before the first output byte: 1/32 of the expert bytes
+    (the values are checked as they stream, each before any byte made from it is written)."""
+
+    def check(group: PlannedGroup, e: int) -> None:
+        for proj in PROJECTIONS:
+            info = group.source.experts[e][proj][1]
+            _read_checked(source, [info], scale=True, out=_buffer("scales", info.shape, torch.uint8))
+            if on_bytes is not None:
+                on_bytes(info.nbytes)
+
+    _run_all(pool, [(check, g, e) for g in groups for e in range(g.num_experts)], in_flight=64)
+
+
+def _run_all(pool: Executor, calls: list[tuple], *, in_flight: int) -> None:
+    """Each (fn, *args) on the pool, at most `in_flight` at a time; the first error stops the rest."""
+    pending = deque()
+    try:
+        for fn, *args in calls:
+            if len(pending) >= in_flight:
+                pending.popleft().result()
+            pending.append(pool.submit(fn, *args))
+        while pending:
+            pending.popleft().result()
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        wait(pending)  # nothing may still write once the caller aborts the shards
+        raise
+
+
+def read_scales(source: SourceCheckpoint, group: PlannedGroup, stacks=("w13", "w2")) -> dict[str, torch.Tensor]:
     """Every expert's FNUZ scales per stack, {"w13": [E, 2I, H/32], "w2": [E, H, I/32]}: 1/32 of the
     group's bytes, read (and checked) before any of its values."""
     scales = {}
     for stack, projs in STACKS:
+        if stack not in stacks:
+            continue
         first = [group.source.experts[0][p][1] for p in projs]
         out = torch.empty(group.num_experts, sum(i.shape[0] for i in first), first[0].shape[1], dtype=torch.uint8)
         for e in range(group.num_experts):
@@ -94,9 +128,11 @@ def write_expert(
     sink: ShardSet,
     *,
     device: str,
+    kinds: set[str] | None = None,
 ) -> None:
-    """Expert e's slice of one stack (w13 or w2): FNUZ values and BF16 copies as the storage says."""
-    stored, projs = fmt.STORED[group.storage], dict(STACKS)[stack]
+    """Expert e's slice of one stack (w13 or w2): FNUZ values and BF16 copies, as the storage says
+    (or only those of `kinds`)."""
+    stored, projs = kinds or set(fmt.STORED[group.storage]), dict(STACKS)[stack]
     infos = [group.source.experts[e][p][0] for p in projs]
     values = _buffer("values", (sum(i.shape[0] for i in infos), infos[0].shape[1]), torch.uint8)  # [N, K]
     layout.fn_to_fnuz_values(_read_checked(source, infos, scale=False, out=values), inplace=True)
@@ -107,30 +143,31 @@ def write_expert(
 
 
 def write_group(
-    source: SourceCheckpoint, group: PlannedGroup, sink: ShardSet, *, device: str, pool: Executor, in_flight: int
+    source: SourceCheckpoint,
+    group: PlannedGroup,
+    sink: ShardSet,
+    *,
+    device: str,
+    pool: Executor,
+    in_flight: int,
+    kinds: set[str] | None = None,
 ) -> None:
     """A group's packed scales, then each stack's experts on the pool, at most `in_flight` at a time.
 
     Stack by stack, so that at any time few tensors fill at once, each in order: the shard hash then
-    takes the bytes from memory (ShardWriter). The first error stops the rest.
+    takes the bytes from memory (ShardWriter). kinds: only these of the group's tensors (a --resume
+    skips those in shards already finished); a stack with none of them is not even read.
     """
-    scales = read_scales(source, group)
-    for stack, _ in STACKS:
-        if f"{stack}_weight_scale" in fmt.STORED[group.storage]:
+    kinds = set(fmt.STORED[group.storage]) if kinds is None else set(kinds)
+    stacks = [stack for stack, _ in STACKS if any(k.startswith(stack + "_") for k in kinds)]
+    scales = read_scales(source, group, stacks)
+    for stack in stacks:
+        if f"{stack}_weight_scale" in kinds:
             sink.write(f"{group.prefix}.{stack}_weight_scale", 0, layout.pack_scales(scales[stack]))  # [E, G, N]
-    pending = deque()
-    try:
-        for stack, _ in STACKS:
-            for e in range(group.num_experts):
-                if len(pending) >= in_flight:
-                    pending.popleft().result()
-                pending.append(
-                    pool.submit(write_expert, source, group, e, stack, scales[stack][e], sink, device=device)
-                )
-        while pending:
-            pending.popleft().result()
-    except BaseException:
-        for future in pending:
-            future.cancel()
-        wait(pending)  # nothing may still write once the caller aborts the shards
-        raise
+    calls = [
+        (partial(write_expert, device=device, kinds=kinds), source, group, e, stack, scales[stack][e], sink)
+        for stack in stacks
+        if {f"{stack}_weight", f"{stack}_weight_bf16"} & kinds
+        for e in range(group.num_experts)
+    ]
+    _run_all(pool, calls, in_flight=in_flight)

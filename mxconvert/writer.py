@@ -7,6 +7,7 @@ leaves a file that looks finished. Memory holds only the chunk being written.
 import hashlib
 import json
 import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +22,32 @@ HASH_CHUNK = 16 * 2**20  # bytes per read when hashing or comparing files
 RELEASE_STEP = 256 * 2**20
 
 
+WRITE_FIX = "Free disk space (or fix what the error says), then run the same command with --resume"
+# Test-only: MXCONVERT_TEST_KILL_AT="<event>:<n>" sends this process MXCONVERT_TEST_KILL_SIGNAL (default
+# SIGKILL) at the n-th event: "start", "write" (a chunk into a shard), "shard" (a shard finished and
+# recorded) or an output file's name (a small file flushed, just before its rename).
+_KILL_EVENT, _, _KILL_COUNT = os.environ.get("MXCONVERT_TEST_KILL_AT", "").rpartition(":")
+_events: dict[str, int] = {}
+_events_lock = threading.Lock()
+
+
+def crash_point(event: str) -> None:
+    if event != _KILL_EVENT:
+        return
+    with _events_lock:
+        _events[event] = _events.get(event, 0) + 1
+        hit = _events[event] == int(_KILL_COUNT)
+    if hit:
+        os.kill(os.getpid(), getattr(signal, os.environ.get("MXCONVERT_TEST_KILL_SIGNAL", "SIGKILL")))
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
     done = 0
     try:
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
     except OSError as e:
-        raise MxconvertError(
-            path, f"write failed ({e.strerror})", "Free disk space or pick another OUT_DIR, then run again"
-        ) from e
+        raise MxconvertError(path, f"write failed ({e.strerror})", WRITE_FIX) from e
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,12 +61,17 @@ def _fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """A small file: written under a temporary name, flushed, then renamed into place."""
     tmp = path.with_name(path.name + PARTIAL)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point(path.name)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MxconvertError(path, f"write failed ({e.strerror})", WRITE_FIX) from e
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -94,6 +117,7 @@ class ShardWriter:
             return 0
         start = self.offsets[name] + offset
         _pwrite_all(self.fd, raw, start, self.tmp)
+        crash_point("write")
         self._hash(start, raw)
         return len(raw)
 
@@ -132,14 +156,19 @@ class ShardWriter:
             self._idle.wait_for(lambda: not self._hashing)
         self._hash()
         assert self.remaining == 0 and self._hashed == self.size, f"{self.path.name}: bytes were never written"
-        os.fsync(self.fd)
-        os.close(self.fd)
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            os.replace(self.tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as e:
+            raise MxconvertError(self.tmp, f"flush failed ({e.strerror})", WRITE_FIX) from e
         return self.path.name, self._digest.hexdigest()
 
     def abort(self) -> None:
+        """Close and delete the unfinished file: it is redone on --resume, and its space is free meanwhile."""
         os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
 
 
 class ShardSet:

@@ -22,7 +22,7 @@ def source(tmp_path_factory):
 
 
 def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="mxconvert")
 
 
 def test_convert_is_the_default_command_and_verify_accepts_it(source, tmp_path):
@@ -49,17 +49,27 @@ def test_errors_are_one_line_without_traceback(source, tmp_path):
     result = run("verify", out)
     assert result.exit_code == 1 and "not a finished conversion" in result.output
     result = run(tmp_path / "nowhere", tmp_path / "o2")
-    assert result.exit_code == 1 and "is not a directory" in result.output
+    assert result.exit_code == 1 and "nowhere: does not exist" in result.output
 
 
 def test_bad_option_values_are_usage_errors(source, tmp_path):
-    result = run(source, tmp_path / "o", "--bf16", "sometimes")
-    assert result.exit_code == 2 and "sometimes" in result.output
-    result = run(source, tmp_path / "o", "--max-shard-size", "lots")
-    assert result.exit_code == 1 and "--max-shard-size" in result.output
-    result = run(source, tmp_path / "o", "--bf16-max-tokens", 2048)
-    assert result.exit_code == 1 and "--bf16-min-tokens" in result.output
-    if not torch.cuda.is_available():
+    """Exit code 2, and one `Error:` line naming the option (click's usage block dropped)."""
+    for args, line in [
+        (("--bf16", "sometimes"), "Error: --bf16: 'sometimes' is not one of 'materialize', 'derive'."),
+        (("--max-shard-size", "lots"), "Error: --max-shard-size: 'lots' is not a size. Write it like 5GB"),
+        (("--bf16-max-tokens", 2048), "Error: --bf16-max-tokens: 2048 is not below --bf16-min-tokens 1024."),
+        (("--bf16-min-tokens", 0), "Error: --bf16-min-tokens: 0 is not in the range x>=1."),
+        (("--device", "tpu"), "Error: --device: 'tpu' is not one of 'cpu', 'cuda'."),
+        (("--force", "--resume"), "Error: --force: and --resume exclude each other."),
+        (("--frobnicate",), "Error: --frobnicate: is not an option of mxconvert convert (did you mean --force?)."),
+    ]:
+        result = run(source, tmp_path / "o", *args)
+        assert result.exit_code == 2 and result.output.startswith(line), (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+        assert not (tmp_path / "o").exists()
+    result = run("verify")
+    assert result.exit_code == 2 and result.output.startswith("Error: mxconvert verify: Missing argument 'OUT_DIR'.")
+    if not torch.cuda.is_available():  # a valid value this machine cannot honour: exit 1
         result = run(source, tmp_path / "o", "--device", "cuda")
         assert result.exit_code == 1 and result.output.startswith("Error: --device: 'cuda' is not available")
     blocker = tmp_path / "file"
@@ -85,6 +95,7 @@ def test_dry_run_version_and_help(source, tmp_path):
         "--dry-run",
         "--device",
         "--force",
+        "--resume",
     ):
         assert option in convert_help
 

@@ -307,16 +307,6 @@ def test_bf16_copies_on_the_gpu_are_bit_identical(source, converted, tmp_path):
         assert (out / cpu_shard.name).read_bytes() == cpu_shard.read_bytes()
 
 
-def _rewrite_header(shard, edit):
-    """Rewrite a shard's header JSON in place (same length, padded), leaving the data as it is."""
-    raw = shard.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = edit(json.loads(raw[8 : 8 + n]))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    assert len(text) <= n
-    shard.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
-
-
 def test_index_and_shards_that_disagree_are_refused(tmp_path):
     src = make_tiny_checkpoint(tmp_path / "src")
     index_path = src / "model.safetensors.index.json"
@@ -329,22 +319,4 @@ def test_index_and_shards_that_disagree_are_refused(tmp_path):
     del index["weight_map"][name + ".missing"], index["weight_map"][name]
     index_path.write_text(json.dumps(index))
     with pytest.raises(MxconvertError, match=re.escape(name) + r": is in model-0000\d-of-00004\.safetensors but not"):
-        convert(model_dir=str(src), out_dir=str(tmp_path / "out"), progress=False)
-
-
-def test_overlapping_or_overrunning_offsets_are_refused(tmp_path):
-    src = make_tiny_checkpoint(tmp_path / "src", num_shards=1)
-    shard = src / "model.safetensors"
-
-    def overlap(header):
-        entries = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-        header[entries[1]]["data_offsets"][0] -= 2
-        header[entries[1]]["data_offsets"][1] -= 2
-        return header
-
-    _rewrite_header(shard, overlap)
-    with pytest.raises(MxconvertError, match=r"model\.safetensors: header entry .* overlap, run past"):
-        convert(model_dir=str(src), out_dir=str(tmp_path / "out"), progress=False)
-    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
-    with pytest.raises(MxconvertError, match=r"model\.safetensors: header entry"):
         convert(model_dir=str(src), out_dir=str(tmp_path / "out"), progress=False)
