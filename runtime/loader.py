@@ -22,7 +22,7 @@ from mxconvert.runtime.bands import bands_for
 from mxconvert.runtime.moe import ExpertWeights, MoELayer, bf16_copies
 from mxconvert.runtime.sharding import ExpertSlice, expert_slices
 
-TORCH_DTYPE = {"F8_E4M3FNUZ": torch.uint8, "U8": torch.uint8, "BF16": torch.bfloat16}  # FP8 kept as bytes
+TORCH_DTYPE = {"F8_E4M3FNUZ": torch.uint8, "U8": torch.uint8, "BF16": torch.bfloat16, "F32": torch.float32}
 CHUNK = 64 * 2**20  # bytes per staged read
 READERS = 4  # threads per chunk
 
@@ -83,13 +83,14 @@ class ConvertedCheckpoint:
         return TensorInfo(name, self.dir / shard, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin)
 
     def read(self, name: str, sl: ExpertSlice | None = None, *, device="cpu") -> torch.Tensor:
-        """Tensor `name` (or its slice) on `device`: FP8 and scales as uint8 bytes, BF16 as bfloat16."""
+        """Tensor `name` (or an expert slice of it) on `device`: FP8 and scales as uint8 bytes."""
         info = self.tensor(name)
-        sl = sl or ExpertSlice(slice(0, info.shape[0]), 1, (slice(0, info.shape[1]),), info.shape)
-        out = torch.empty(sl.shape, dtype=TORCH_DTYPE[info.dtype], device=device)
+        if info.dtype not in TORCH_DTYPE:
+            raise MxconvertError(name, f"is {info.dtype}", f"the runtime reads {sorted(TORCH_DTYPE)}")
+        out = torch.empty(sl.shape if sl else info.shape, dtype=TORCH_DTYPE[info.dtype], device=device)
         if out.numel() == 0:
             return out
-        runs = _runs(info, sl)
+        runs = _runs(info, sl) if sl else [(info.offset, info.nbytes)]
         if runs is None:  # strided: through an mmap, then one copy
             out.copy_(torch.from_numpy(_mmap_slice(info, sl)).view(out.dtype))
         else:

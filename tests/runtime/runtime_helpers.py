@@ -1,16 +1,12 @@
-"""Shared helpers of the runtime tests: tiny checkpoints, and the float64 reference from the SOURCE.
-
-The reference reads the original MXFP8 checkpoint (E4M3FN bytes + E8M0 scales per expert and
-projection), never the converted one, so a conversion or loading bug cannot cancel out.
-"""
+"""Shared helpers of the runtime tests: tiny checkpoints, inputs, the error measure. The reference
+(runtime/reference.py) reads the ORIGINAL MXFP8 checkpoint, never the converted one, so a conversion or
+loading bug cannot cancel out."""
 
 import torch
 from make_tiny_checkpoint import make_tiny_checkpoint
 
-from mxconvert import layout
-from mxconvert.checkpoint import SourceCheckpoint
 from mxconvert.convert import convert
-from mxconvert.kernels.quant import SwigluOAI
+from mxconvert.runtime.reference import reference64, source_experts  # noqa: F401 (the tests' reference)
 
 # H 128, I 64 (TP 2 gives 32 per rank), 4 experts, top-2; MoE layers 3, 4, 5 (5 is bf16_only with
 # --long-context). Layer 3 holds the generator's planted edge bytes (scale 253: BF16 overflows).
@@ -24,34 +20,6 @@ def build_checkpoints(root, **shape):
     for bf16 in ("materialize", "derive"):
         out["dual" if bf16 == "materialize" else "derive"] = root / bf16
         convert(model_dir=str(src), out_dir=str(root / bf16), bf16=bf16, long_context=True, progress=False)
-    return out
-
-
-def source_experts(src_dir, prefix):
-    """float64 (w13 [E, 2I, H], w2 [E, H, I]) dequantized from the source's FN bytes and scales."""
-    src = SourceCheckpoint(src_dir)
-    group = src.groups[prefix].experts
-    w13, w2 = [], []
-    for e in sorted(group):
-        deq = {
-            p: layout.dequantize(src.read_tensor(w), src.read_tensor(s), fnuz=False) for p, (w, s) in group[e].items()
-        }
-        w13.append(torch.cat([deq["gate"], deq["up"]]))
-        w2.append(deq["down"])
-    src.close()
-    return torch.stack(w13), torch.stack(w2)
-
-
-def reference64(hidden, topk_weights, topk_ids, w13, w2, act=SwigluOAI()):
-    """The MoE in float64: hidden [T, H], weights [T, k], ids [T, k] -> [T, H]."""
-    x = hidden.double().cpu()
-    out = torch.zeros_like(x)
-    ids, tw = topk_ids.long().cpu(), topk_weights.double().cpu()
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            g, u = (w13[ids[t, j]] @ x[t]).chunk(2)
-            gate, up = g.clamp(max=act.limit), u.clamp(-act.limit, act.limit)
-            out[t] += tw[t, j] * (w2[ids[t, j]] @ (gate * torch.sigmoid(act.alpha * gate) * (up + act.beta)))
     return out
 
 
