@@ -5,6 +5,7 @@ not on the shard layout. Values are valid E4M3FN codes drawn uniformly (never 0x
 E8M0 bytes in 120..127, plus the edge bytes listed by `planted_bytes()` in the first MoE layer's experts.
 Files: config.json, shards + index, tokenizer.json, tokenizer_config.json, chat_template.jinja,
 generation_config.json, modeling_minimax_m3.py, README.md, and NOT_COPIED (a converter must skip it).
+`text_only=True` writes the text backbone alone, as vLLM 0.33's MiniMaxM3SparseForCausalLM loads it.
 
 Shape legend: H hidden, I expert intermediate, D dense MLP intermediate, S shared-expert intermediate,
 E experts, V vocab, Q = heads * head_dim, KV = kv_heads * head_dim. An MXFP8 linear [out, in] is
@@ -41,7 +42,14 @@ def _experts(specs, prefix, n, h, i, names, scale_suffix):
 
 
 def planted_bytes(
-    *, hidden_size=160, intermediate_size=96, num_experts=8, num_dense_layers=3, naming="minimax", scale_suffix=None
+    *,
+    hidden_size=160,
+    intermediate_size=96,
+    num_experts=8,
+    num_dense_layers=3,
+    naming="minimax",
+    scale_suffix=None,
+    text_only=False,
 ):
     """[(tensor name, row, col, byte)] of the edge bytes planted in the first MoE layer's experts.
 
@@ -52,12 +60,17 @@ def planted_bytes(
     h, i, last = hidden_size, intermediate_size, num_experts - 1
     gate, up, down = EXPERT_NAMES[naming]
     suffix = scale_suffix or ("weight_scale" if naming == "compressed" else "weight_scale_inv")
-    p = f"language_model.model.layers.{num_dense_layers}.block_sparse_moe.experts"
+    p = f"{_lm(text_only)}.layers.{num_dense_layers}.block_sparse_moe.experts"
     out = [(f"{p}.0.{gate}.weight", 0, c, b) for c, b in enumerate(EDGE_FP8)]
     out += [(f"{p}.{last}.{down}.weight", h - 1, i - len(EDGE_FP8) + c, b) for c, b in enumerate(EDGE_FP8)]
     out += [(f"{p}.1.{up}.{suffix}", 0, c, b) for c, b in enumerate(EDGE_SCALE)]
     out += [(f"{p}.{last}.{down}.{suffix}", h - 4 + r, i // 32 - 1, b) for r, b in enumerate(EDGE_SCALE)]
     return out
+
+
+def _lm(text_only):
+    """Where the decoder's tensors live: under the VL model's language_model, or at the top (text only)."""
+    return "model" if text_only else "language_model.model"
 
 
 def _mxfp8_pool(seed, n=1 << 24):
@@ -108,7 +121,7 @@ def _write_safetensors(path, seed, specs, patches, pool=None):
             f.write(data.tobytes())
 
 
-def _config(a, moe_layers, mtp, naming, ignored):
+def _config(a, moe_layers, mtp, naming, ignored, text_only=False):
     text = {
         "model_type": "minimax_m3_text",
         "hidden_size": a["h"],
@@ -158,6 +171,22 @@ def _config(a, moe_layers, mtp, naming, ignored):
             "weight_block_size": [1, 32],
             "ignored_layers": ignored,
         }
+    if text_only:  # vLLM's MiniMaxM3TextConfig keys; its shared expert is intermediate_size wide
+        text.update(
+            architectures=["MiniMaxM3SparseForCausalLM"],
+            moe_layer_freq=[int(L in moe_layers) for L in range(a["layers"])],
+            n_shared_experts=1,
+            use_routing_bias=True,
+            sparse_attention_config={
+                "use_sparse_attention": False,
+                "sparse_num_index_heads": 1,
+                "sparse_topk_blocks": 1,
+                "sparse_attention_freq": [0] * a["layers"],
+            },
+            tie_word_embeddings=False,
+            quantization_config=quant,
+        )
+        return text
     return {
         "architectures": ["MiniMaxM3ForConditionalGeneration"],
         "model_type": "minimax_m3_vl",
@@ -215,6 +244,7 @@ def make_tiny_checkpoint(
     vocab_size=256,
     poison=(),
     fp8_values="uniform",
+    text_only=False,
 ) -> Path:
     """Write the checkpoint into out_dir (created; should be empty) and return its path.
 
@@ -222,6 +252,10 @@ def make_tiny_checkpoint(
     poison: ((tensor name, byte), ...) sets each named tensor's last byte (e.g. 0x7F, or scale 255).
     fp8_values: "uniform" (every valid code alike: covers them all) or "mxfp8" (quantized Gaussian
     weights, as real checkpoints: for benchmarks).
+    text_only: the text backbone as vLLM 0.33's MiniMaxM3SparseForCausalLM loads it: a top-level
+    minimax_m3_text config (sparse attention off), names under `model.` and `lm_head`, per-head q/k
+    norms [head_dim], no vision tensors; the shared expert is intermediate_size wide (vLLM sizes it so),
+    so shared_intermediate_size is not used.
     """
     if fp8_values not in ("uniform", "mxfp8"):
         raise ValueError(f"fp8_values must be 'uniform' or 'mxfp8', not {fp8_values!r}")
@@ -232,14 +266,15 @@ def make_tiny_checkpoint(
         hidden_size,
         intermediate_size,
         dense_intermediate_size,
-        shared_intermediate_size,
+        intermediate_size if text_only else shared_intermediate_size,
         num_attention_heads * head_dim,
         num_key_value_heads * head_dim,
     )
     if any(x % 32 for x in (h, i, d, s, q)) or h < 128 or i < 32 or num_experts < 2:
         raise ValueError("sizes must be multiples of 32, hidden >= 128, experts >= 2")
     suffix = scale_suffix or ("weight_scale" if naming == "compressed" else "weight_scale_inv")
-    names, lm = EXPERT_NAMES[naming], "language_model.model"
+    names, lm = EXPERT_NAMES[naming], _lm(text_only)
+    qn, kn = (head_dim, head_dim) if text_only else (q, kv)  # q/k norm: per head, or over all heads
     moe_layers = range(num_dense_layers, num_hidden_layers)
     specs = [(f"{lm}.embed_tokens.weight", "BF16", (vocab_size, h))]
     for L in range(num_hidden_layers):
@@ -247,8 +282,8 @@ def make_tiny_checkpoint(
         specs += [
             (f"{p}.input_layernorm.weight", "BF16", (h,)),
             (f"{p}.post_attention_layernorm.weight", "BF16", (h,)),
-            (f"{p}.self_attn.q_norm.weight", "BF16", (q,)),
-            (f"{p}.self_attn.k_norm.weight", "BF16", (kv,)),
+            (f"{p}.self_attn.q_norm.weight", "BF16", (qn,)),
+            (f"{p}.self_attn.k_norm.weight", "BF16", (kn,)),
         ]
         for proj, out, inp in (("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)):
             _mx(specs, f"{p}.self_attn.{proj}", out, inp, suffix)
@@ -271,13 +306,16 @@ def make_tiny_checkpoint(
             (f"{m}.block_sparse_moe.e_score_correction_bias", "F32", (num_experts,)),
         ]
         _experts(specs, f"{m}.block_sparse_moe", num_experts, h, i, names, suffix)
-    specs += [
-        (f"{lm}.norm.weight", "BF16", (h,)),
-        ("language_model.lm_head.weight", "BF16", (vocab_size, h)),
-        ("vision_tower.patch_embed.proj.weight", "BF16", (32, 48)),
-        ("vision_tower.post_layernorm.weight", "BF16", (32,)),
-        ("multi_modal_projector.linear_1.weight", "BF16", (h, 32)),
-    ]
+    specs += [(f"{lm}.norm.weight", "BF16", (h,))]
+    if text_only:
+        specs += [("lm_head.weight", "BF16", (vocab_size, h))]
+    else:
+        specs += [
+            ("language_model.lm_head.weight", "BF16", (vocab_size, h)),
+            ("vision_tower.patch_embed.proj.weight", "BF16", (32, 48)),
+            ("vision_tower.post_layernorm.weight", "BF16", (32,)),
+            ("multi_modal_projector.linear_1.weight", "BF16", (h, 32)),
+        ]
 
     patches = {}
     if len(moe_layers):
@@ -288,6 +326,7 @@ def make_tiny_checkpoint(
             num_dense_layers=num_dense_layers,
             naming=naming,
             scale_suffix=suffix,
+            text_only=text_only,
         ):
             patches.setdefault(name, []).append((row, col, byte))
     byte_tensors = {n for n, dt, _ in specs if dt in ("F8_E4M3", "U8")}
@@ -324,7 +363,7 @@ def make_tiny_checkpoint(
     if num_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    ignored = ["language_model.lm_head", "vision_tower", "multi_modal_projector"]
+    ignored = ["lm_head"] if text_only else ["language_model.lm_head", "vision_tower", "multi_modal_projector"]
     ignored += [f"{lm}.layers.{L}.block_sparse_moe.gate" for L in moe_layers]
     ignored += [f"{lm}.mtp.0.eh_proj", f"{lm}.mtp.0.block_sparse_moe.gate"] if mtp else []
     a = dict(
@@ -341,7 +380,8 @@ def make_tiny_checkpoint(
         hd=head_dim,
         v=vocab_size,
     )
-    (out / "config.json").write_text(json.dumps(_config(a, moe_layers, mtp, naming, ignored), indent=2) + "\n")
+    config = _config(a, moe_layers, mtp, naming, ignored, text_only)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for fname, text in SIDE_FILES.items():
         (out / fname).parent.mkdir(parents=True, exist_ok=True)
         (out / fname).write_text(text)
@@ -360,6 +400,7 @@ def main(argv=None):
     ap.add_argument("--naming", choices=sorted(EXPERT_NAMES), default="minimax")
     ap.add_argument("--no-mtp", dest="mtp", action="store_false")
     ap.add_argument("--fp8-values", choices=["uniform", "mxfp8"], default="uniform")
+    ap.add_argument("--text-only", action="store_true", help="the text backbone alone, as vLLM loads it")
     args = vars(ap.parse_args(argv))
     print(make_tiny_checkpoint(args.pop("out_dir"), **args))
 

@@ -1,0 +1,29 @@
+"""vLLM tests: only where vLLM 0.33 is installed (the second environment .ci/run builds), on the CPU.
+
+Checkpoints are built once per session: the tiny source (harness.TINY) and two conversions of it,
+--long-context (dual + bf16_only layers) and --long-context --bf16 derive (native_only + bf16_only).
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+pytest.importorskip("vllm", reason="the vLLM tests need vllm==0.33.0 (pip install -e '.[vllm,test]')")
+
+from harness import TINY  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    from mxconvert.convert import convert
+
+    root = tmp_path_factory.mktemp("vllm")
+    src = make_tiny_checkpoint(root / "src", **TINY)
+    out = {"src": src}
+    for name, bf16 in (("dual", "materialize"), ("derive", "derive")):
+        out[name] = root / name
+        convert(model_dir=str(src), out_dir=str(out[name]), long_context=True, bf16=bf16, progress=False)
+    return out
