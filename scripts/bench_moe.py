@@ -7,6 +7,8 @@ at 8192^3. Weights are random FNUZ bytes with E8M0 scales in the FORMAT.md layou
 
   python3 scripts/bench_moe.py --json out.json            # the table (TP8 and TP1 shapes)
   python3 scripts/bench_moe.py --sweep --json sweep.json  # per-GEMM tile sweep at TP8 (kernels/config.py)
+  python3 scripts/bench_moe.py --hybrid --shapes tp8      # the runtime's MoELayer (hybrid dispatch, tuned
+                                                          # bands) beside each single path, per token count
 """
 
 import argparse
@@ -54,10 +56,10 @@ def limits():
     return copy_gbs, 2 * m**3 / (us * 1e-6) / 1e12
 
 
-def make_weights(e, h, i):
+def make_weights(e, h, i, device="cuda"):
     def fp8(n, k):
-        v = (torch.randn(e, n, k, device="cuda") * 16).clamp(-224, 224).to(torch.float8_e4m3fnuz).view(torch.uint8)
-        return v, torch.randint(118, 125, (e, k // 32, n), dtype=torch.uint8, device="cuda")
+        v = (torch.randn(e, n, k, device=device) * 16).clamp(-224, 224).to(torch.float8_e4m3fnuz).view(torch.uint8)
+        return v, torch.randint(118, 125, (e, k // 32, n), dtype=torch.uint8, device=device)
 
     w13, s13 = fp8(2 * i, h)
     w2, s2 = fp8(h, i)
@@ -68,10 +70,10 @@ def make_weights(e, h, i):
     return dict(w13=w13, w13_scale=s13, w2=w2, w2_scale=s2), dict(w13_bf16=bf[0], w2_bf16=bf[1])
 
 
-def routing(t, k, e, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    ids = torch.rand(t, e, generator=g, device="cuda").topk(k, dim=1).indices.to(torch.int32)
-    w = torch.rand(t, k, generator=g, device="cuda") + 0.1
+def routing(t, k, e, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.rand(t, e, generator=g, device=device).topk(k, dim=1).indices.to(torch.int32)
+    w = torch.rand(t, k, generator=g, device=device) + 0.1
     return ids, w / w.sum(1, keepdim=True)
 
 
@@ -155,7 +157,7 @@ def table(shapes, tokens, copy_gbs, fp8_tflops):
                 f"{p}={r['us']:.1f}us({r['speedup']:.2f}x)" for p, r in res.items() if r["speedup"]
             )
             print(f"{name} T={t} floor={floor:.1f}us {line}", flush=True)
-        del fp8, bf, w13t, w2t, w13c, w2c
+        fp8 = bf = w13t = w2t = w13c = w2c = None  # free before the next shape (a del confuses ruff F821)
         torch.cuda.empty_cache()
     return rows
 
@@ -264,6 +266,48 @@ def sweep(tokens, modes, swap_only=False):
     return out
 
 
+def hybrid(shapes, tokens, bands=None, device="cuda"):
+    """Per token count: the runtime's MoELayer (dispatch by batch size) beside each single path, same run.
+    bands: (bf16_max_tokens, bf16_min_tokens); default the device's tuned table (runtime/bands.py)."""
+    from mxconvert.runtime.bands import bands_for
+    from mxconvert.runtime.moe import ExpertWeights, MoELayer
+
+    lo, hi = bands or bands_for(device, default=(8, 1024))
+    mode = cfg.native_mode(device)
+    rows = []
+    for name in shapes:
+        e, h, i, k = SHAPES[name]
+        fp8, bf = make_weights(e, h, i, device)
+        weights = ExpertWeights(fp8["w13"], fp8["w13_scale"], fp8["w2"], fp8["w2_scale"], bf["w13_bf16"], bf["w2_bf16"])
+        layer = MoELayer(weights, bf16_max_tokens=lo, bf16_min_tokens=hi)
+        for t in tokens:
+            x = torch.randn(t, h, device=device).bfloat16()
+            ids, w = routing(t, k, e, t, device)
+            us = {
+                "hybrid": bench(lambda: layer(x, w, ids)),
+                "bf16": bench(lambda: moe_experts_bf16(x, w, ids, **bf)),
+                mode: bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=mode)),
+            }
+            best = min(us["bf16"], us[mode])
+            rows.append(dict(shape=name, tokens=t, path=layer.path_for(t), us=us, vs_best=us["hybrid"] / best))
+            print(
+                f"{name} T={t} -> {layer.path_for(t)}: " + " ".join(f"{p} {v:.1f}us" for p, v in us.items()), flush=True
+            )
+        weights = layer = fp8 = bf = None
+    gpu = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"\ndevice: {gpu}  bands: BF16 at T <= {lo} or T >= {hi}, else {mode}")
+    print(f"| shape | T | hybrid path | hybrid us | bf16 us | {mode} us | hybrid / best | within 5% |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        u = r["us"]
+        print(
+            f"| {r['shape']} | {r['tokens']} | {r['path']} | {u['hybrid']:.1f} | {u['bf16']:.1f} | {u[mode]:.1f} | "
+            f"{r['vs_best']:.3f} | {'yes' if r['vs_best'] <= 1.05 else 'NO'} |"
+        )
+    print(f"hybrid within 5% of the best path at every count: {all(r['vs_best'] <= 1.05 for r in rows)}")
+    return dict(bands=[lo, hi], rows=rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
@@ -272,6 +316,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--modes", default="w8a16,w8a8,bf16")
     ap.add_argument("--swap-only", action="store_true")
+    ap.add_argument("--hybrid", action="store_true", help="the runtime's hybrid dispatch vs each single path")
+    ap.add_argument("--bands", help="with --hybrid: LO,HI instead of the device's tuned bands")
     args = ap.parse_args()
     tokens = [int(v) for v in args.tokens.split(",")]
     t0 = time.time()
@@ -287,6 +333,9 @@ def main():
     )
     if args.sweep:
         result["sweep"] = sweep(tokens, args.modes.split(","), args.swap_only)
+    elif args.hybrid:
+        bands = tuple(int(v) for v in args.bands.split(",")) if args.bands else None
+        result["hybrid"] = hybrid(args.shapes.split(","), tokens, bands)
     else:
         result["rows"] = table(args.shapes.split(","), tokens, copy_gbs, fp8_tflops)
         print_table(result["rows"], copy_gbs, fp8_tflops)
