@@ -105,7 +105,8 @@ def _check_layout(path: Path, header: dict, data_size: int) -> None:
         if stop < begin:
             problem = f"header is corrupt: tensor {name} has data_offsets [{begin}, {stop}) that run backwards"
         elif stop > data_size:
-            problem = f"is truncated: tensor {name} ends at data byte {stop} but the file holds {data_size}"
+            problem = f"is truncated or its header is corrupt: tensor {name} ends at data byte {stop}"
+            problem += f", the file holds {data_size}"
         elif begin < end:
             problem = f"header is corrupt: tensor {name} at [{begin}, {stop}) overlaps {previous} (ends at {end})"
         elif itemsize and stop - begin != count * itemsize:

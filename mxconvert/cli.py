@@ -81,7 +81,7 @@ def main():
 
 @main.command(cls=_Command, epilog=EXAMPLES)
 @click.argument("model_dir")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir")
 @click.option(
     "--long-context", is_flag=True, help="Store MoE layers with index % 5 == 0 as BF16 only (fits HBM at long context)."
 )

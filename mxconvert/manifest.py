@@ -48,7 +48,7 @@ def load_manifest(out_dir: Path) -> dict:
         raise MxconvertError(
             out_dir,
             f"has no {fmt.MANIFEST_NAME}, so it is not a finished conversion",
-            "Run the conversion (again) into this directory",
+            "Run the conversion again (with --resume if it was interrupted)",
         )
     try:
         manifest = json.loads(path.read_text())
