@@ -117,3 +117,29 @@ def use_vllm_grouped_routing(runner) -> None:
     with one group computes exactly that, so the runner's router is switched to it."""
     router = runner.router
     router.use_grouped_topk, router.num_expert_group, router.topk_group = True, 1, 1
+
+
+def check_rank_slices(rank: int, model_dir: str, ep: bool, port: int, result_dir: str, materialized: str) -> None:
+    """One of two spawned ranks: load at TP 2 (with or without EP); write, per expert parameter, whether it
+    equals the runtime's slice (runtime.sharding) of the converted tensor bit for bit (BF16 copies derived
+    at load: of the `materialized` checkpoint's)."""
+    import json
+
+    from mxconvert import format as fmt
+    from mxconvert.runtime.sharding import shard_expert_tensor
+
+    model, _ = load_model(model_dir, tp=2, ep=ep, rank=rank, port=port)
+    full = {**read_tensors(materialized), **read_tensors(model_dir)}
+    ranks = dict(tp_rank=0, tp_size=1, ep_rank=rank, ep_size=2) if ep else dict(tp_rank=rank, tp_size=2)
+    report = {}
+    for prefix, layer in moe_prefixes(model).items():
+        method = layer.quant_method
+        report[prefix] = {"storage": method.storage, "first_expert": method.first_expert, "params": {}}
+        for suffix in fmt.EXPERT_TENSORS:
+            if suffix in layer._parameters:
+                name = f"{prefix}.{suffix}"
+                got = layer._parameters[suffix].data
+                ok = same_bits(got, shard_expert_tensor(suffix, full[name], **ranks))
+                report[prefix]["params"][suffix] = {"exact": ok, "shape": list(got.shape)}
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
