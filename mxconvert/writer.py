@@ -104,8 +104,15 @@ class ShardWriter:
         self.offsets = {name: len(header) + off for name, off in offsets.items()}
         self.size = len(header) + sum(t.nbytes for t in tensors)
         self.remaining = self.size - len(header)
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(self.fd, memoryview(header), 0, self.tmp)
+        try:
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise MxconvertError(self.tmp, f"cannot be created ({e.strerror})", WRITE_FIX) from e
+        try:
+            _pwrite_all(self.fd, memoryview(header), 0, self.tmp)
+        except MxconvertError:
+            self.abort()
+            raise
         self._digest, self._hashed, self._ahead = hashlib.sha256(header), len(header), {}
         self._lock, self._hashing, self._released = threading.Lock(), False, 0
         self._idle = threading.Condition(self._lock)
