@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import pprint
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,7 @@ def write_table(device_name: str, entry: dict) -> None:
     tmp = TABLE.with_suffix(".tmp")
     tmp.write_text(head + "BANDS = " + pprint.pformat(bands, width=110, sort_dicts=True) + "\n")
     tmp.replace(TABLE)
+    subprocess.run([sys.executable, "-m", "ruff", "format", "-q", str(TABLE)], check=False)  # where ruff is
 
 
 def main(argv=None) -> dict:
