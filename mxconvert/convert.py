@@ -76,36 +76,51 @@ def convert(
             return plan
         ident = outdir.identity(options=options, source=source, plan=plan)
         state = outdir.inspect(Path(out_dir), local_dir, force=force, resume=resume, ident=ident, workers=WORKERS)
-        plan.kept = sorted(state.kept)
-        if state.complete:
+        plan.kept, plan.complete = sorted(state.kept), state.complete
+        if state.complete:  # --resume on a finished conversion of the same input and options
             verify(out_dir=state.path, full=False)
             for path in state.stale:  # a record left by a run killed just after its manifest
                 path.unlink(missing_ok=True)
-            plan.complete = True
-            return plan
-        todo = [shard for shard in plan.shards if shard.name not in state.kept]
-        _check_before_writing(source, plan, todo, state, local_dir, progress=progress)
-        record = state.open(ident)
-        crash_point("start")
-        out = state.path
-        hashes = {name: f["sha256"] for name, f in state.kept.items()}
-        hashes |= _write_shards(source, plan, out, todo, record=record, device=device, progress=progress)
-        for name in _write_small_files(out, local_dir, source, source_id, plan, options, model_dir):
-            hashes[name] = sha256_file(out / name)
-        write_manifest(out, options=options, source=source, source_id=source_id, files=hashes)
+        else:
+            _write(state, ident, source, source_id, plan, options, model_dir, device=device, progress=progress)
     finally:
         source.close()
+    if push_to_hub:
+        from .hub import push  # huggingface_hub's upload machinery only when asked for
+
+        push(out_dir=state.path, repo_id=push_to_hub)
+    return plan
+
+
+def _write(
+    state: outdir.OutDir,
+    ident: dict,
+    source: SourceCheckpoint,
+    source_id: dict,
+    plan: Plan,
+    options: dict,
+    model_dir: str,
+    *,
+    device: str,
+    progress: bool,
+) -> None:
+    """Check, then write the shards not kept (recording each), the small files, and the manifest last."""
+    todo = [shard for shard in plan.shards if shard.name not in state.kept]
+    _check_before_writing(source, plan, todo, state, progress=progress)
+    record = state.open(ident)
+    crash_point("start")
+    out = state.path
+    hashes = {name: f["sha256"] for name, f in state.kept.items()}
+    hashes |= _write_shards(source, plan, out, todo, record=record, device=device, progress=progress)
+    for name in _write_small_files(out, source, source_id, plan, options, model_dir):
+        hashes[name] = sha256_file(out / name)
+    write_manifest(out, options=options, source=source, source_id=source_id, files=hashes)
     record.remove()
     try:
         verify(out_dir=out, full=False)
     except MxconvertError:
         (out / fmt.MANIFEST_NAME).unlink()  # never leave a broken output that looks finished
         raise
-    if push_to_hub:
-        from .hub import push  # huggingface_hub's upload machinery only when asked for
-
-        push(out_dir=out, repo_id=push_to_hub)
-    return plan
 
 
 def _check_options(bf16, device, bf16_max_tokens, bf16_min_tokens, max_shard_size, force, resume) -> int:
@@ -130,7 +145,7 @@ def _check_options(bf16, device, bf16_max_tokens, bf16_min_tokens, max_shard_siz
 
 
 def _check_before_writing(
-    source: SourceCheckpoint, plan: Plan, todo: list[Shard], state: outdir.OutDir, source_dir: Path, *, progress: bool
+    source: SourceCheckpoint, plan: Plan, todo: list[Shard], state: outdir.OutDir, *, progress: bool
 ) -> None:
     """The expert scales of every group still to write, then the free disk space. Values are checked
     as they stream instead (a second pass over 400 GB would double the reading)."""
@@ -142,15 +157,16 @@ def _check_before_writing(
         tqdm(total=total, unit="B", unit_scale=True, desc="checking scales", disable=not progress) as bar,
     ):
         check_scales(source, groups, pool=pool, on_bytes=bar.update)
-    side = sum(path.stat().st_size for path in _side_files(source_dir))
+    side = sum(path.stat().st_size for path in _side_files(source.dir))
     shards = sum(len(safetensors_header(shard.tensors)[0]) + shard.nbytes for shard in todo)
     outdir.check_free_space(state, needed=shards + side + SMALL_FILES)
 
 
 def _write_small_files(
-    out: Path, local_dir: Path, source: SourceCheckpoint, source_id: dict, plan: Plan, options: dict, model_dir: str
+    out: Path, source: SourceCheckpoint, source_id: dict, plan: Plan, options: dict, model_dir: str
 ) -> list[str]:
     """config.json, the index, the side files and the card, after the shards; returns their names."""
+    local_dir = source.dir
     config = json.loads((local_dir / "config.json").read_text())
     _replace_quant_config(config, plan, source, options)
     write_json_atomic(out / "config.json", config)
