@@ -256,6 +256,9 @@ def test_resume_redoes_a_finished_shard_that_changed(interrupted, source, clean,
     data[-1] ^= 0xFF  # same size, other sha256
     damaged.write_bytes(bytes(data))
     (out / finished[-1]).unlink()
+    # a kill between a shard's rename and its record: there under its name, but not recorded
+    (out / "model-00008-of-00008.safetensors").write_bytes(b"not recorded")
+    (out / "model-00007-of-00008.safetensors.partial").write_bytes(b"half")
     result = cli(*convert_args(source, out, "--resume"))
     assert result.exit_code == 0 and f"kept {len(finished) - 2} finished before" in result.output, result.output
     assert hashes(out) == hashes(clean)
