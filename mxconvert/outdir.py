@@ -158,8 +158,10 @@ def _compare(recorded: dict, ident: dict, out: Path, source_dir: Path) -> None:
         was, now = files_before.get(name), files_now.get(name)
         if was == now:
             continue
-        if was is None or now is None:
-            problem = f"was {'not ' if was is None else ''}an input of the run in {out}"
+        if was is None:
+            problem = f"is new: it was not an input of the run in {out}"
+        elif now is None:
+            problem = f"is gone: it was an input of the run in {out}"
         elif was["size"] != now["size"]:
             problem = f"has {now['size']} bytes now but had {was['size']} in the run in {out}"
         else:
