@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     lo, hi = layer.bf16_max_tokens, layer.bf16_min_tokens
     scale = 1.0 / w13.double().pow(2).mean().sqrt().item() / w13.shape[-1] ** 0.5  # GEMM1 outputs ~ 1
     print(f"{prefix} ({layer.weights.storage}) on {device}: BF16 at T <= {lo} or T >= {hi}, else {layer.native_mode}")
-    print("| tokens | path | rel. error vs float64 (source) | bound | seconds |")
+    print("| tokens | path | rel. error vs float64 (source) | bound | seconds (first call: with compilation) |")
     print("|---|---|---|---|---|")
     worst_ok = True
     g = torch.Generator().manual_seed(args.seed)
