@@ -19,8 +19,10 @@ import sys
 import threading
 
 import pytest
+import torch
 from click.testing import CliRunner
 from make_tiny_checkpoint import make_tiny_checkpoint
+from safetensors.torch import save_file
 
 import mxconvert.outdir
 from mxconvert.checkpoint import SourceCheckpoint
@@ -212,6 +214,14 @@ def _grow(shard):
         f.write(b"\0" * 8)
 
 
+def _extra_shard(src):
+    """One more weight file, named in the index."""
+    save_file({"extra.bias": torch.zeros(4)}, src / "extra.safetensors")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra.bias"] = "extra.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def _new_header(shard):
     """Same size, another header: the metadata's format letter changes case."""
     raw = bytearray(shard.read_bytes())
@@ -229,11 +239,14 @@ def _new_header(shard):
         (lambda src: _new_header(src / "model-00003-of-00004.safetensors"),
          r"{SRC}/model-00003-of-00004\.safetensors: has another header now \(sha256 [0-9a-f]{12}\.\.\.\) than in "
          r"the run in {OUT}\. Resume only with the same input, or pass --force\."),
+        (_extra_shard,
+         r"{SRC}/extra\.safetensors: is new: it was not an input of the run in {OUT}\. Resume only with the same "
+         r"input, or pass --force\."),
         (lambda src: (src / "config.json").write_text((src / "config.json").read_text().replace("196608", "131072")),
          r"{SRC}/config\.json: changed since the run in {OUT}\. Run the same command as the first time, or pass "
          r"--force to start over\."),
     ],
-    ids=["shard_size", "shard_header", "config"],
+    ids=["shard_size", "shard_header", "extra_shard", "config"],
 )  # fmt: skip
 def test_resume_refuses_other_input(interrupted, source, tmp_path, edit, message):
     src = tmp_path / "src"
