@@ -60,10 +60,19 @@ def engine_config(model_dir, *, tp: int = 1, ep: bool = False):
     return args.create_engine_config()
 
 
-def init_distributed(*, world_size: int = 1, rank: int = 0, port: int = 29531) -> None:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(*, world_size: int = 1, rank: int = 0, port: int | None = None) -> None:
     global _distributed
     if _distributed:
         return
+    port = port or free_port()  # one process: any free port; ranks of several: the one they share
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
 
     init_distributed_environment(
@@ -77,7 +86,7 @@ def init_distributed(*, world_size: int = 1, rank: int = 0, port: int = 29531) -
     _distributed = True
 
 
-def load_model(model_dir, *, tp: int = 1, ep: bool = False, rank: int = 0, port: int = 29531):
+def load_model(model_dir, *, tp: int = 1, ep: bool = False, rank: int = 0, port: int | None = None):
     """(model, vllm_config): vLLM's get_model() on model_dir, as `vllm serve` would build it."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model

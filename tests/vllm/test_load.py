@@ -1,11 +1,15 @@
 """vLLM 0.33's get_model() on converted tiny MiniMax-M3 checkpoints, one process (TP 1), on the CPU.
 
-The MoE forward runs the runtime's MoELayer on its torch reference path (Triton kernels need a GPU
-or TRITON_INTERPRET=1, which these tests do not set); test_forward_interpreted covers the kernels.
+The MoE forward runs the runtime's MoELayer on its torch reference path (Triton kernels need a GPU or
+TRITON_INTERPRET=1); test_forward_with_triton_interpreter runs the same forwards on the Triton kernels
+under the interpreter, in a fresh process (TRITON_INTERPRET is read when the kernels are defined).
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,9 +100,19 @@ def test_forward_through_vllm_runner(dual, checkpoints, tokens):
     weights, ids = route(logits, block.e_score_correction_bias, top_k=2, routed_scaling_factor=2.0)
     expected = shared + runtime.forward(x, weights, ids)
     method = block.experts.routed_experts.quant_method
+    assert method.moe_layer.triton == runtime.triton == (os.environ.get("TRITON_INTERPRET") == "1")
     assert method.moe_layer.last_path == runtime.last_path == ("bf16" if tokens in (3, 1024) else "w8a8")
     assert torch.isfinite(out).all()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is the interpreted run")
+def test_forward_with_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    test = f"{__file__}::test_forward_through_vllm_runner"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env, text=True,
+                         capture_output=True)  # fmt: skip
+    assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout[-3000:]
 
 
 def test_missing_expert_tensor_fails_clearly(checkpoints, tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch.multiprocessing as mp
-from harness import MOE_LAYERS, check_rank_slices
+from harness import MOE_LAYERS, check_rank_slices, free_port
 
 from mxconvert import format as fmt
 
@@ -18,7 +18,7 @@ def _run(rank, *args):
 @pytest.mark.parametrize("name", ["dual", "derive"])
 @pytest.mark.parametrize("ep", [False, True], ids=["tp2", "tp2-ep"])
 def test_two_ranks_load_exact_slices(checkpoints, tmp_path, name, ep):
-    port = 29600 + 10 * ep + (name == "derive")
+    port = free_port()
     args = (str(checkpoints[name]), ep, port, str(tmp_path), str(checkpoints["dual"]))
     mp.start_processes(_run, args=args, nprocs=2, start_method="spawn")
     for rank in range(2):
