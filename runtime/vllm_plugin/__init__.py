@@ -35,7 +35,7 @@ def register() -> None:
     from vllm.model_executor.layers.quantization import register_quantization_config
 
     version = vllm_version()
-    if version == SUPPORTED_VLLM:
+    if version and version.split("+")[0] == SUPPORTED_VLLM:  # a local build label (+cu130) is the same release
         from .config import MxconvertQuantConfig
 
         register_quantization_config(QUANT_METHOD)(MxconvertQuantConfig)
