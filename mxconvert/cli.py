@@ -134,9 +134,12 @@ def convert(**kwargs):
     if plan.complete:
         click.echo(f"Already finished: {out} holds this conversion (same input and options); nothing to do.")
     elif not kwargs["dry_run"]:
-        kept = f", kept {len(plan.kept)} finished before" if plan.kept else ""
-        written = len(plan.shards) - len(plan.kept)
-        click.echo(f"Wrote {written} shards ({plan.output_bytes / 2**30:.2f} GiB in all) to {out}{kept}; verified.")
+        size = f"{plan.output_bytes / 2**30:.2f} GiB"
+        if plan.kept:
+            written = f"{len(plan.shards) - len(plan.kept)} of {len(plan.shards)} shards ({size} in all)"
+            click.echo(f"Wrote {written} to {out}, kept {len(plan.kept)} finished before; verified.")
+        else:
+            click.echo(f"Wrote {len(plan.shards)} shards ({size}) to {out}; verified.")
 
 
 @main.command(cls=_Command, epilog=EXAMPLES)

@@ -142,13 +142,15 @@ def test_sigkill_then_resume_is_byte_identical(source, clean, tmp_path, at, what
     monkeypatch.setattr(SourceCheckpoint, "read", recording_read)
     result = cli(*convert_args(source, out, "--resume"))
     assert result.exit_code == 0, result.output
-    assert (f", kept {len(finished)} finished before;" in result.output) == bool(finished), result.output
+    kept = len(finished)
+    line = rf"Wrote {8 - kept} of 8 shards \([\d.]+ GiB in all\) to \S+, kept {kept} finished before; verified\."
+    assert re.fullmatch(line if kept else r"Wrote 8 shards \([\d.]+ GiB\) to \S+; verified\.", result.output.strip())
     assert hashes(out) == hashes(clean)
     assert {name: (out / name).stat().st_ino for name in finished} == kept_inodes  # kept, not rewritten
     weight_map = json.loads((clean / "model.safetensors.index.json").read_text())["weight_map"]
-    kept = {name for name, shard in weight_map.items() if shard in finished}
-    assert not read & {name for name in kept if ".experts." not in name}
-    for group in {name.rsplit(".", 1)[0] for name in kept if name.endswith(".w13_weight_scale")}:
+    kept_tensors = {name for name, shard in weight_map.items() if shard in finished}
+    assert not read & {name for name in kept_tensors if ".experts." not in name}
+    for group in {name.rsplit(".", 1)[0] for name in kept_tensors if name.endswith(".w13_weight_scale")}:
         if all(shard in finished for name, shard in weight_map.items() if name.startswith(group + ".")):
             assert not {name for name in read if name.startswith(group + ".")}, group
     assert cli("verify", out, "--source", source).exit_code == 0
