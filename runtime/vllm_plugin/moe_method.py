@@ -45,6 +45,7 @@ class MxconvertMoEMethod(FusedMoEMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ):
+        self._refuse_fused_paths(layer)
         par = layer.moe_config.moe_parallel_config
         self.ranks = dict(tp_rank=par.tp_rank, tp_size=par.tp_size, ep_rank=par.ep_rank, ep_size=par.ep_size)
         e_global = extra_weight_attrs.get("global_num_experts", num_experts)
@@ -72,6 +73,23 @@ class MxconvertMoEMethod(FusedMoEMethodBase):
             param.weight_loader = self._weight_loader(layer, suffix, full, sl)
             layer.register_parameter(suffix, param)
         self._check_placement(layer, num_experts)
+
+    def _refuse_fused_paths(self, layer):
+        """Paths of vLLM's ROCm MiniMax-M3 that bypass or widen the routed experts this method serves."""
+        from vllm.config import get_current_vllm_config
+
+        if getattr(layer.expert_map_manager, "num_fused_shared_experts", 0):
+            raise MxconvertError(
+                self.group,
+                "vLLM fused the shared expert into the routed experts (VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS)",
+                "Unset VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS: the plugin serves the routed experts alone",
+            )
+        if getattr(get_current_vllm_config().kernel_config, "monokernel", False):
+            raise MxconvertError(
+                self.group,
+                "vLLM's specialized decode (monokernel) reads expert weights in its own layout",
+                "Serve without the monokernel kernel option",
+            )
 
     def _check_placement(self, layer, num_experts):
         """vLLM's expert map must put this rank's experts where the slices do (linear placement)."""

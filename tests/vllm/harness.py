@@ -86,13 +86,16 @@ def init_distributed(*, world_size: int = 1, rank: int = 0, port: int | None = N
     _distributed = True
 
 
-def load_model(model_dir, *, tp: int = 1, ep: bool = False, rank: int = 0, port: int | None = None):
-    """(model, vllm_config): vLLM's get_model() on model_dir, as `vllm serve` would build it."""
+def load_model(model_dir, *, tp: int = 1, ep: bool = False, rank: int = 0, port: int | None = None, edit=None):
+    """(model, vllm_config): vLLM's get_model() on model_dir, as `vllm serve` would build it.
+    edit(vllm_config), if given, changes the config first."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model
 
     setup_vllm()
     config = engine_config(model_dir, tp=tp, ep=ep)
+    if edit:
+        edit(config)
     with set_current_vllm_config(config):
         init_distributed(world_size=tp, rank=rank, port=port)
         return get_model(vllm_config=config), config

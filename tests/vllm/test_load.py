@@ -129,3 +129,13 @@ def test_missing_expert_tensor_fails_clearly(checkpoints, tmp_path):
     (broken / fmt.INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(MxconvertError, match=rf"{gone}: is not in the checkpoint .*mxconvert verify"):
         load_model(broken)
+
+
+def test_specialized_decode_is_refused(checkpoints):
+    """vLLM's ROCm monokernel decode reads expert weights in its own layout: refused, not served wrong."""
+
+    def monokernel(config):
+        config.kernel_config.monokernel = True
+
+    with pytest.raises(MxconvertError, match=r"specialized decode \(monokernel\) reads expert weights"):
+        load_model(checkpoints["dual"], edit=monokernel)

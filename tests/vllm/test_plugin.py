@@ -75,3 +75,26 @@ def test_names_vllm_dispatches_on():
     for cls in (config.MxconvertQuantConfig, moe_method.MxconvertMoEMethod):
         assert "ModelOpt" not in cls.__name__ and "compressed" not in cls.__name__.lower()
     assert not config.MxconvertQuantConfig.from_config(CONVERTED).get_name().startswith("modelopt")
+
+
+def test_names_reach_routed_experts_under_both_model_classes():
+    """The weight mapper and the group lookup, for the text model's names and the VL model's
+    (language_model.-prefixed, with vLLM's own mapper for that class applied too)."""
+    from vllm.models.minimax_m3 import MiniMaxM3SparseForConditionalGeneration as VL
+
+    from mxconvert.runtime.vllm_plugin.config import MxconvertQuantConfig
+
+    vl_group = "language_model.model.layers.3.block_sparse_moe.experts"
+    config = MxconvertQuantConfig.from_config(
+        {**CONVERTED, "experts": {**CONVERTED["experts"], "layers": {vl_group: "dual"}}}
+    )
+    mapper = VL.hf_to_vllm_mapper | config.get_checkpoint_weight_mapper()
+    for suffix in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale", "w13_weight_bf16"):
+        routed = f"{vl_group}.routed_experts.{suffix}"
+        assert mapper.map_name(f"{vl_group}.{suffix}") == routed
+        assert mapper.map_name(routed) == routed  # applied twice (VL, then its language model): unchanged
+    assert mapper.map_name(f"{vl_group}.0.w1.weight") == f"{vl_group}.0.w1.weight"  # per-expert names untouched
+    assert config.group_for(vl_group) == vl_group
+    assert config.group_for("model.layers.3.block_sparse_moe.experts") == vl_group  # by suffix
+    with pytest.raises(MxconvertError, match="matches 0 expert groups"):
+        config.group_for("model.layers.4.block_sparse_moe.experts")
