@@ -140,7 +140,7 @@ def check_rank_slices(rank: int, model_dir: str, ep: bool, port: int, result_dir
     from mxconvert import format as fmt
     from mxconvert.runtime.sharding import shard_expert_tensor
 
-    model, _ = load_model(model_dir, tp=2, ep=ep, rank=rank, port=port)
+    model, config = load_model(model_dir, tp=2, ep=ep, rank=rank, port=port)
     full = {**read_tensors(materialized), **read_tensors(model_dir)}
     ranks = dict(tp_rank=0, tp_size=1, ep_rank=rank, ep_size=2) if ep else dict(tp_rank=rank, tp_size=2)
     report = {}
@@ -153,5 +153,33 @@ def check_rank_slices(rank: int, model_dir: str, ep: bool, port: int, result_dir
                 got = layer._parameters[suffix].data
                 ok = same_bits(got, shard_expert_tensor(suffix, full[name], **ranks))
                 report[prefix]["params"][suffix] = {"exact": ok, "shape": list(got.shape)}
+    torch.save(moe_forward(model, config, FORWARD_LAYER, FORWARD_TOKENS), os.path.join(result_dir, f"rank{rank}.pt"))
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+
+
+FORWARD_LAYER = 2  # a MoE layer without the generator's planted edge bytes
+FORWARD_TOKENS = (3, 20, 1024)  # BF16 band, native band, BF16 band
+
+
+def moe_input(tokens: int) -> torch.Tensor:
+    return torch.randn(tokens, TINY["hidden_size"], generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+
+
+def moe_forward(model, config, layer: int, tokens) -> dict:
+    """vLLM's MoE block (gate, then the runner: router, shared expert, routed experts) on moe_input(T):
+    {T: (output [T, H], whether the runner left the all-reduce to the next norm, router_logits, MoE path)}."""
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    block = model.model.layers[layer].block_sparse_moe
+    use_vllm_grouped_routing(block.experts)
+    out = {}
+    for t in tokens:
+        x = moe_input(t)
+        with set_current_vllm_config(config), set_forward_context(None, config):
+            logits, _ = block.gate(x)
+            y = block.experts(hidden_states=x, router_logits=logits)
+        path = block.experts.routed_experts.quant_method.moe_layer.last_path
+        out[t] = (y, block.experts.moe_config.skip_final_all_reduce, logits, path)
+    return out
