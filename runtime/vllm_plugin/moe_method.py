@@ -146,7 +146,7 @@ class MxconvertMoEMethod(FusedMoEMethodBase):
             t = getattr(weights, FIELD[s])
             if t is None:
                 layer._parameters.pop(s, None)
-            elif s not in layer._parameters or layer._parameters[s].data is not t:
+            elif s not in layer._parameters or layer._parameters[s].data_ptr() != t.data_ptr():
                 layer.register_parameter(s, torch.nn.Parameter(t, requires_grad=False))
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):
