@@ -29,10 +29,28 @@ tags: [minimax]
 """
 
 
+class _ToLoopback:
+    """A session that sends huggingface.co requests to the loopback Hub: huggingface_hub 1.x posts card
+    checks to a hard-coded https://huggingface.co, 2.x to constants.ENDPOINT."""
+
+    def __init__(self, session, endpoint: str):
+        self._session, self._endpoint = session, endpoint
+
+    def post(self, url: str, *args, **kwargs):
+        return self._session.post(url.replace("https://huggingface.co", self._endpoint), *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
 @pytest.fixture
 def hub(monkeypatch):
     with HubServer() as server:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+        get_session = huggingface_hub.repocard.get_session
+        monkeypatch.setattr(
+            huggingface_hub.repocard, "get_session", lambda: _ToLoopback(get_session(), server.endpoint)
+        )
         yield server
 
 
