@@ -45,6 +45,38 @@ def expected_bytes(layers: int, bf16: str) -> tuple[int, int]:
     return fp8, fp8 + (2 * values if bf16 == "materialize" else 0)
 
 
+def make_full_size_source(
+    out_dir: Path,
+    *,
+    layers: int,
+    fp8_values: str = "mxfp8",
+    num_shards: int = 2,
+    experts: int = E,
+    hidden: int = H,
+    intermediate: int = I,
+) -> Path:
+    """A seeded MiniMax-M3-shaped source: full-size MoE layers (3 + layers in all), everything else tiny."""
+    return make_tiny_checkpoint(
+        out_dir,
+        seed=0,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_experts=experts,
+        top_k=4,
+        num_hidden_layers=3 + layers,
+        num_dense_layers=3,
+        mtp=False,
+        num_shards=num_shards,
+        dense_intermediate_size=64,
+        shared_intermediate_size=64,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=128,
+        vocab_size=256,
+        fp8_values=fp8_values,
+    )
+
+
 def files_of(root: Path, pattern: str = "*") -> list[Path]:
     return sorted(p for p in root.rglob(pattern) if p.is_file())
 
@@ -152,24 +184,8 @@ def main(argv=None) -> dict:
     src, out = work / "src", work / "out"
     try:
         t0 = time.perf_counter()
-        make_tiny_checkpoint(
-            src,
-            seed=0,
-            hidden_size=H,
-            intermediate_size=I,
-            num_experts=E,
-            top_k=4,
-            num_hidden_layers=3 + args.layers,
-            num_dense_layers=3,
-            mtp=False,
-            num_shards=max(2, math.ceil(in_est / 5e9)),
-            dense_intermediate_size=64,
-            shared_intermediate_size=64,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=128,
-            vocab_size=256,
-            fp8_values=args.fp8_values,
+        make_full_size_source(
+            src, layers=args.layers, fp8_values=args.fp8_values, num_shards=max(2, math.ceil(in_est / 5e9))
         )
         fsync_files(files_of(src))
         gen_s = time.perf_counter() - t0

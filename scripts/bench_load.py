@@ -23,8 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_convert import CHUNK, E, H, I, files_of, fsync_files  # noqa: E402
-from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from bench_convert import CHUNK, E, H, I, files_of, fsync_files, make_full_size_source  # noqa: E402
 
 from mxconvert.convert import convert  # noqa: E402
 from mxconvert.runtime.loader import ConvertedCheckpoint  # noqa: E402
@@ -112,25 +111,7 @@ def main(argv=None) -> dict:
     rows = []
     try:
         t0 = time.perf_counter()
-        src = make_tiny_checkpoint(
-            work / "src",
-            seed=0,
-            hidden_size=h,
-            intermediate_size=i,
-            num_experts=e,
-            top_k=4,
-            num_hidden_layers=4,
-            num_dense_layers=3,
-            mtp=False,
-            num_shards=2,
-            dense_intermediate_size=64,
-            shared_intermediate_size=64,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=128,
-            vocab_size=256,
-            fp8_values="mxfp8",
-        )  # fmt: skip  (bench_convert.py's full-size layer)
+        src = make_full_size_source(work / "src", layers=1, experts=e, hidden=h, intermediate=i)
         print(f"generated {e} experts H {h} I {i} in {time.perf_counter() - t0:.0f}s", flush=True)
         outs = {}
         for mode in ("materialize", "derive"):
