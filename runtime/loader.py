@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mxconvert import format as fmt
 from mxconvert.checkpoint import DTYPE_BYTES, TensorInfo, read_header
@@ -172,12 +173,14 @@ def _mmap_slice(info: TensorInfo, sl: ExpertSlice) -> np.ndarray:
     return np.concatenate(parts, axis=sl.axis)  # a copy: touches only the pages that hold the slice
 
 
-def _pread(fd: int, view: memoryview, offset: int) -> None:
+def _pread(fd: int, view: memoryview, offset: int, file: Path) -> None:
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise MxconvertError(f"fd {fd}", "ends inside a tensor", "Convert again (a shard is truncated)")
+            raise MxconvertError(
+                file, "ends inside a tensor (truncated)", "Run mxconvert verify on it, and convert again"
+            )
         done += n
 
 
@@ -209,7 +212,7 @@ def _read_runs(file: Path, runs: list[tuple[int, int]], out: torch.Tensor) -> No
                 for begin, n, at in chunk:  # split big runs so every thread gets a share
                     step = max(1 << 20, -(-n // READERS))
                     pieces += [(begin + j, min(step, n - j), at + j) for j in range(0, n, step)]
-                list(pool.map(lambda p: _pread(fd, view[p[2] : p[2] + p[1]], p[0]), pieces))
+                list(pool.map(lambda p: _pread(fd, view[p[2] : p[2] + p[1]], p[0], file), pieces))
 
             if out.device.type == "cpu":
                 done = 0
@@ -255,3 +258,11 @@ def load_moe_layer(
     return MoELayer(
         weights, bf16_max_tokens=lo, bf16_min_tokens=hi, activation=ckpt.activation, native_mode=native_mode
     )
+
+
+def load_moe_layers(ckpt: ConvertedCheckpoint, *, device="cpu", progress: bool = True, **kwargs) -> dict[str, MoELayer]:
+    """Every expert group of the checkpoint as a ready MoELayer (load_moe_layer's keywords), by prefix."""
+    return {
+        prefix: load_moe_layer(ckpt, prefix, device=device, **kwargs)
+        for prefix in tqdm(ckpt.layers, desc="loading MoE layers", unit="layer", disable=not progress)
+    }

@@ -23,6 +23,19 @@ def test_open(ckpts):
     assert (c.activation.alpha, c.activation.beta, c.activation.limit) == (1.702, 1.0, 7.0)
 
 
+def test_load_all_layers(ckpts):
+    layers = loader.load_moe_layers(ConvertedCheckpoint(ckpts["derive"]), progress=False, tp_rank=1, tp_size=2)
+    assert {p: layer.weights.storage for p, layer in layers.items()} == {
+        PLANTED: "native_only",
+        DUAL: "native_only",
+        BF16_ONLY: "bf16_only",
+    }
+    for layer in layers.values():  # rank 1 of 2 holds half of I, BF16 copies derived where not stored
+        e, n, h = layer.weights.w13_bf16.shape
+        assert layer.weights.w2_bf16.shape == (e, h, n // 2)
+        assert layer.native == (layer.weights.storage == "native_only")
+
+
 def _copy_small(src, dst, skip=()):
     dst.mkdir()
     for name in ("config.json", fmt.INDEX_NAME, fmt.MANIFEST_NAME):
