@@ -55,7 +55,8 @@ def make_full_size_source(
     hidden: int = H,
     intermediate: int = I,
 ) -> Path:
-    """A seeded MiniMax-M3-shaped source: full-size MoE layers (3 + layers in all), everything else tiny."""
+    """A seeded MiniMax-M3-shaped source: full-size MoE layers (3 + layers in all; their shared expert is
+    intermediate wide, as vLLM builds it), everything else tiny."""
     return make_tiny_checkpoint(
         out_dir,
         seed=0,
@@ -68,7 +69,6 @@ def make_full_size_source(
         mtp=False,
         num_shards=num_shards,
         dense_intermediate_size=64,
-        shared_intermediate_size=64,
         num_attention_heads=1,
         num_key_value_heads=1,
         head_dim=128,

@@ -5,11 +5,14 @@ not on the shard layout. Values are valid E4M3FN codes drawn uniformly (never 0x
 E8M0 bytes in 120..127, plus the edge bytes listed by `planted_bytes()` in the first MoE layer's experts.
 Files: config.json, shards + index, tokenizer.json, tokenizer_config.json, chat_template.jinja,
 generation_config.json, modeling_minimax_m3.py, README.md, and NOT_COPIED (a converter must skip it).
-`text_only=True` writes the text backbone alone, as vLLM 0.33's MiniMaxM3SparseForCausalLM loads it.
+Layout as vLLM 0.33 loads MiniMax-M3: the VL model (MiniMaxM3SparseForConditionalGeneration: decoder under
+`language_model.`, a tiny vision tower) by default; `text_only=True` writes the same decoder alone, at the
+top, as MiniMaxM3SparseForCausalLM loads it.
 
-Shape legend: H hidden, I expert intermediate, D dense MLP intermediate, S shared-expert intermediate,
-E experts, V vocab, Q = heads * head_dim, KV = kv_heads * head_dim. An MXFP8 linear [out, in] is
-`.weight` F8_E4M3 [out, in] + a scale U8 [out, in/32].
+Shape legend: H hidden, I expert intermediate (the shared expert's too: n_shared_experts = 1), D dense
+MLP intermediate, E experts, V vocab, Q = heads * head_dim, KV = kv_heads * head_dim, hd head_dim,
+VH/VI vision hidden/intermediate. An MXFP8 linear [out, in] is `.weight` F8_E4M3 [out, in] + a scale
+U8 [out, in/32].
 """
 
 import argparse
@@ -28,6 +31,19 @@ EXPERT_NAMES = {
     "hf": ("gate_proj", "up_proj", "down_proj"),
 }  # (gate, up, down)
 DTYPE_BYTES = {"F8_E4M3": 1, "U8": 1, "BF16": 2, "F32": 4}
+# vLLM's MiniMaxVLVisionModel, tiny: a CLIP-style ViT (Conv3d patches), projector, 2x2 patch merger
+VISION = {
+    "model_type": "minimax_m3_vision",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 1,
+    "num_channels": 3,
+    "patch_size": 2,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "gelu",
+    "img_token_compression_config": {"spatial_merge_size": 2, "temporal_patch_size": 2},
+}
 
 
 def _mx(specs, name, out, inp, scale_suffix):
@@ -68,9 +84,36 @@ def planted_bytes(
     return out
 
 
+def _head(text_only):
+    """The text model's prefix: the VL model's language_model, or none (text only)."""
+    return "" if text_only else "language_model."
+
+
 def _lm(text_only):
-    """Where the decoder's tensors live: under the VL model's language_model, or at the top (text only)."""
-    return "model" if text_only else "language_model.model"
+    """Where the decoder's tensors live."""
+    return f"{_head(text_only)}model"
+
+
+def _vision(specs, h):
+    """vLLM's vision tower as the checkpoint names it (its loader maps `multi_modal_projector.`,
+    `patch_merge_mlp.` under vision_tower and `.mlp.fc1.` to `.fc1.`); BF16, no post_layernorm."""
+    vh, vi, c, p = (VISION[k] for k in ("hidden_size", "intermediate_size", "num_channels", "patch_size"))
+    t, m = (VISION["img_token_compression_config"][k] for k in ("temporal_patch_size", "spatial_merge_size"))
+
+    def linear(name, *shape):  # weight [out, in] (a LayerNorm's: [out]) and bias [out]
+        specs.extend([(f"{name}.weight", "BF16", shape), (f"{name}.bias", "BF16", shape[:1])])
+
+    vt = "vision_tower.vision_model"
+    specs.append((f"{vt}.embeddings.patch_embedding.weight", "BF16", (vh, c, t, p, p)))
+    linear(f"{vt}.pre_layrnorm", vh)
+    for L in range(VISION["num_hidden_layers"]):
+        b = f"{vt}.encoder.layers.{L}"
+        linear(f"{b}.layer_norm1", vh), linear(f"{b}.layer_norm2", vh)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{b}.self_attn.{proj}", vh, vh)
+        linear(f"{b}.mlp.fc1", vi, vh), linear(f"{b}.mlp.fc2", vh, vi)
+    linear("multi_modal_projector.linear_1", h, vh), linear("multi_modal_projector.linear_2", h, h)
+    linear("patch_merge_mlp.linear_1", h, h * m * m), linear("patch_merge_mlp.linear_2", h, h)
 
 
 def _mxfp8_pool(seed, n=1 << 24):
@@ -122,17 +165,21 @@ def _write_safetensors(path, seed, specs, patches, pool=None):
 
 
 def _config(a, moe_layers, mtp, naming, ignored, text_only=False):
+    """vLLM 0.33's MiniMaxM3TextConfig keys (sparse attention off), alone or as the VL config's text_config."""
     text = {
+        "architectures": ["MiniMaxM3SparseForCausalLM"],
         "model_type": "minimax_m3_text",
         "hidden_size": a["h"],
         "intermediate_size": a["i"],
         "dense_intermediate_size": a["d"],
-        "shared_intermediate_size": a["s"],
+        "shared_intermediate_size": a["i"],  # vLLM builds the shared expert intermediate_size * n_shared_experts
+        "n_shared_experts": 1,
         "num_local_experts": a["e"],
         "num_experts_per_tok": a["top_k"],
         "num_hidden_layers": a["layers"],
         "first_k_dense_replace": a["dense"],
         "mlp_layer_types": ["sparse" if L in moe_layers else "dense" for L in range(a["layers"])],
+        "moe_layer_freq": [int(L in moe_layers) for L in range(a["layers"])],
         "num_attention_heads": a["heads"],
         "num_key_value_heads": a["kv_heads"],
         "head_dim": a["hd"],
@@ -142,12 +189,21 @@ def _config(a, moe_layers, mtp, naming, ignored, text_only=False):
         "swiglu_limit": 7.0,
         "routed_scaling_factor": 2.0,
         "scoring_func": "sigmoid",
+        "use_routing_bias": True,
         "hidden_act": "swigluoai",
         "use_qk_norm": True,
+        "qk_norm_type": "per_head",
         "rms_norm_eps": 1e-6,
         "rope_theta": 5000000.0,
         "max_position_embeddings": 196608,
+        "sparse_attention_config": {
+            "use_sparse_attention": False,
+            "sparse_num_index_heads": 1,
+            "sparse_topk_blocks": 1,
+            "sparse_attention_freq": [0] * a["layers"],
+        },
         "num_mtp_modules": 1 if mtp else 0,
+        "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
     if naming == "compressed":
@@ -171,28 +227,14 @@ def _config(a, moe_layers, mtp, naming, ignored, text_only=False):
             "weight_block_size": [1, 32],
             "ignored_layers": ignored,
         }
-    if text_only:  # vLLM's MiniMaxM3TextConfig keys; its shared expert is intermediate_size wide
-        text.update(
-            architectures=["MiniMaxM3SparseForCausalLM"],
-            moe_layer_freq=[int(L in moe_layers) for L in range(a["layers"])],
-            n_shared_experts=1,
-            use_routing_bias=True,
-            sparse_attention_config={
-                "use_sparse_attention": False,
-                "sparse_num_index_heads": 1,
-                "sparse_topk_blocks": 1,
-                "sparse_attention_freq": [0] * a["layers"],
-            },
-            tie_word_embeddings=False,
-            quantization_config=quant,
-        )
-        return text
+    if text_only:
+        return {**text, "quantization_config": quant}
     return {
-        "architectures": ["MiniMaxM3ForConditionalGeneration"],
+        "architectures": ["MiniMaxM3SparseForConditionalGeneration"],
         "model_type": "minimax_m3_vl",
         "auto_map": {"AutoModelForCausalLM": "modeling_minimax_m3.MiniMaxM3ForConditionalGeneration"},
         "text_config": text,
-        "vision_config": {"model_type": "minimax_m3_vision", "hidden_size": 32},
+        "vision_config": VISION,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "quantization_config": quant,
@@ -237,7 +279,6 @@ def make_tiny_checkpoint(
     scale_suffix=None,
     mtp=True,
     dense_intermediate_size=192,
-    shared_intermediate_size=64,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=32,
@@ -252,29 +293,25 @@ def make_tiny_checkpoint(
     poison: ((tensor name, byte), ...) sets each named tensor's last byte (e.g. 0x7F, or scale 255).
     fp8_values: "uniform" (every valid code alike: covers them all) or "mxfp8" (quantized Gaussian
     weights, as real checkpoints: for benchmarks).
-    text_only: the text backbone as vLLM 0.33's MiniMaxM3SparseForCausalLM loads it: a top-level
-    minimax_m3_text config (sparse attention off), names under `model.` and `lm_head`, per-head q/k
-    norms [head_dim], no vision tensors; the shared expert is intermediate_size wide (vLLM sizes it so),
-    so shared_intermediate_size is not used.
+    text_only: the text backbone alone (MiniMaxM3SparseForCausalLM): the text config at the top, names
+    under `model.` and `lm_head`, no vision tensors; else the VL model (MiniMaxM3SparseForConditionalGeneration).
     """
     if fp8_values not in ("uniform", "mxfp8"):
         raise ValueError(f"fp8_values must be 'uniform' or 'mxfp8', not {fp8_values!r}")
     pool = _mxfp8_pool(seed) if fp8_values == "mxfp8" else None
     if naming not in EXPERT_NAMES:
         raise ValueError(f"naming must be one of {sorted(EXPERT_NAMES)}, not {naming!r}")
-    h, i, d, s, q, kv = (
+    h, i, d, q, kv = (
         hidden_size,
         intermediate_size,
         dense_intermediate_size,
-        intermediate_size if text_only else shared_intermediate_size,
         num_attention_heads * head_dim,
         num_key_value_heads * head_dim,
     )
-    if any(x % 32 for x in (h, i, d, s, q)) or h < 128 or i < 32 or num_experts < 2:
+    if any(x % 32 for x in (h, i, d, q)) or h < 128 or i < 32 or num_experts < 2:
         raise ValueError("sizes must be multiples of 32, hidden >= 128, experts >= 2")
     suffix = scale_suffix or ("weight_scale" if naming == "compressed" else "weight_scale_inv")
-    names, lm = EXPERT_NAMES[naming], _lm(text_only)
-    qn, kn = (head_dim, head_dim) if text_only else (q, kv)  # q/k norm: per head, or over all heads
+    names, head, lm = EXPERT_NAMES[naming], _head(text_only), _lm(text_only)
     moe_layers = range(num_dense_layers, num_hidden_layers)
     specs = [(f"{lm}.embed_tokens.weight", "BF16", (vocab_size, h))]
     for L in range(num_hidden_layers):
@@ -282,12 +319,12 @@ def make_tiny_checkpoint(
         specs += [
             (f"{p}.input_layernorm.weight", "BF16", (h,)),
             (f"{p}.post_attention_layernorm.weight", "BF16", (h,)),
-            (f"{p}.self_attn.q_norm.weight", "BF16", (qn,)),
-            (f"{p}.self_attn.k_norm.weight", "BF16", (kn,)),
+            (f"{p}.self_attn.q_norm.weight", "BF16", (head_dim,)),  # qk_norm_type "per_head"
+            (f"{p}.self_attn.k_norm.weight", "BF16", (head_dim,)),
         ]
         for proj, out, inp in (("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)):
             _mx(specs, f"{p}.self_attn.{proj}", out, inp, suffix)
-        mlp, size = (f"{p}.block_sparse_moe.shared_experts", s) if L in moe_layers else (f"{p}.mlp", d)
+        mlp, size = (f"{p}.block_sparse_moe.shared_experts", i) if L in moe_layers else (f"{p}.mlp", d)
         for proj, out, inp in (("gate_proj", size, h), ("up_proj", size, h), ("down_proj", h, size)):
             _mx(specs, f"{mlp}.{proj}", out, inp, suffix)
         if L in moe_layers:
@@ -306,16 +343,9 @@ def make_tiny_checkpoint(
             (f"{m}.block_sparse_moe.e_score_correction_bias", "F32", (num_experts,)),
         ]
         _experts(specs, f"{m}.block_sparse_moe", num_experts, h, i, names, suffix)
-    specs += [(f"{lm}.norm.weight", "BF16", (h,))]
-    if text_only:
-        specs += [("lm_head.weight", "BF16", (vocab_size, h))]
-    else:
-        specs += [
-            ("language_model.lm_head.weight", "BF16", (vocab_size, h)),
-            ("vision_tower.patch_embed.proj.weight", "BF16", (32, 48)),
-            ("vision_tower.post_layernorm.weight", "BF16", (32,)),
-            ("multi_modal_projector.linear_1.weight", "BF16", (h, 32)),
-        ]
+    specs += [(f"{lm}.norm.weight", "BF16", (h,)), (f"{head}lm_head.weight", "BF16", (vocab_size, h))]
+    if not text_only:
+        _vision(specs, h)
 
     patches = {}
     if len(moe_layers):
@@ -363,14 +393,13 @@ def make_tiny_checkpoint(
     if num_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    ignored = ["lm_head"] if text_only else ["language_model.lm_head", "vision_tower", "multi_modal_projector"]
+    ignored = [f"{head}lm_head"] + ([] if text_only else ["vision_tower", "multi_modal_projector", "patch_merge_mlp"])
     ignored += [f"{lm}.layers.{L}.block_sparse_moe.gate" for L in moe_layers]
     ignored += [f"{lm}.mtp.0.eh_proj", f"{lm}.mtp.0.block_sparse_moe.gate"] if mtp else []
     a = dict(
         h=h,
         i=i,
         d=d,
-        s=s,
         e=num_experts,
         top_k=top_k,
         layers=num_hidden_layers,

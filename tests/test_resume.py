@@ -30,7 +30,7 @@ from mxconvert.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD, MANIFEST = "mxconvert.partial.json", "mxconvert.json"
-SHARD_SIZE = ("--max-shard-size", "1MB")  # 8 shards of the tiny checkpoint
+SHARD_SIZE = ("--max-shard-size", "1.15MB")  # 8 shards of the tiny checkpoint
 
 
 def cli(*args):
@@ -81,14 +81,14 @@ def clean(source, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def interrupted(source, tmp_path_factory):
-    """An OUT_DIR stopped by a full disk (ENOSPC from the 150th pwrite), with some shards finished."""
+    """An OUT_DIR stopped by a full disk (ENOSPC from the 225th pwrite), with some shards finished."""
     out = tmp_path_factory.mktemp("enospc") / "out"
     real_pwrite, calls, lock = os.pwrite, [0], threading.Lock()
 
     def pwrite(fd, data, offset):
         with lock:
             calls[0] += 1
-            full = calls[0] >= 150
+            full = calls[0] >= 225  # about half of the 8 shards finished
         if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwrite(fd, data, offset)
@@ -196,7 +196,7 @@ def test_write_error_is_one_line_and_leaves_nothing_finished(interrupted, source
     "change,message",
     [
         (("--bf16", "derive"), r"--bf16: is 'derive' now but was 'materialize' in {OUT}\. "),
-        (("--max-shard-size", "2MB"), r"--max-shard-size: is '2MB' now but was '1MB' in {OUT}\. "),
+        (("--max-shard-size", "2MB"), r"--max-shard-size: is '2MB' now but was '1\.15MB' in {OUT}\. "),
         (("--long-context",), r"--long-context: is True now but was False in {OUT}\. "),
         (("--bf16-max-tokens", "4"), r"--bf16-max-tokens: is 4 now but was 8 in {OUT}\. "),
     ],

@@ -64,7 +64,8 @@ def test_tensor_values_do_not_depend_on_the_shard_layout(tiny, tmp_path):
 
 def test_config_follows_the_minimax_schema(tiny):
     cfg = json.loads((tiny / "config.json").read_text())
-    assert cfg["model_type"] == "minimax_m3_vl" and cfg["architectures"]
+    assert cfg["model_type"] == "minimax_m3_vl"
+    assert cfg["architectures"] == ["MiniMaxM3SparseForConditionalGeneration"]  # vLLM 0.33's registry name
     assert cfg["quantization_config"] == {
         "quant_method": "mxfp8",
         "activation_scheme": "dynamic",
@@ -89,11 +90,38 @@ def test_config_follows_the_minimax_schema(tiny):
     )
     assert t["scoring_func"] == "sigmoid" and t["first_k_dense_replace"] == 3
     assert t["mlp_layer_types"] == ["dense"] * 3 + ["sparse"] * 4 and t["num_hidden_layers"] == 7
+    # what vLLM's MiniMaxM3TextConfig and model read: MoE layers, shared expert count, per-head q/k norm
+    assert t["moe_layer_freq"] == [0] * 3 + [1] * 4 and t["n_shared_experts"] == 1 and t["use_routing_bias"]
+    assert (t["use_qk_norm"], t["qk_norm_type"]) == (True, "per_head")
+    assert t["sparse_attention_config"]["use_sparse_attention"] is False
+    v = cfg["vision_config"]
+    assert {"img_token_compression_config", "patch_size", "num_channels", "layer_norm_eps"} <= set(v)
+
+
+def test_text_only_is_the_vl_decoder_at_the_top(tiny, tmp_path):
+    """text_only (MiniMaxM3SparseForCausalLM) holds the VL checkpoint's decoder tensors, shapes and text
+    config, without the `language_model.` prefix and without the vision tower."""
+    text = make_tiny_checkpoint(tmp_path / "t", text_only=True)
+    ht, hv = headers(text), headers(tiny)
+    shape = {n: (e["dtype"], e["shape"]) for n, (_, e) in ht.items()}
+    decoder = {n.removeprefix("language_model."): (e["dtype"], e["shape"]) for n, (_, e) in hv.items()}
+    assert shape == {n: v for n, v in decoder.items() if n.startswith(("model.", "lm_head."))}
+    assert set(decoder) - set(shape) and all(
+        n.startswith(("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")) for n in set(decoder) - set(shape)
+    )
+    cfg_t = json.loads((text / "config.json").read_text())
+    cfg_v = json.loads((tiny / "config.json").read_text())
+    assert cfg_t["architectures"] == ["MiniMaxM3SparseForCausalLM"]
+    assert {k: v for k, v in cfg_t.items() if k != "quantization_config"} == cfg_v["text_config"]
+    ignored_t, ignored_v = (c["quantization_config"]["ignored_layers"] for c in (cfg_t, cfg_v))
+    assert ["language_model." + n for n in ignored_t] == [n for n in ignored_v if n.startswith("language_model.")]
+    for name, row, col, byte in planted_bytes(text_only=True):
+        assert int(tensor_bytes(text, ht[name][0], name)[row, col]) == byte
 
 
 def test_names_dtypes_and_shapes(tiny):
     h = headers(tiny)
-    H, I, E, Q, KV, D, S = 160, 96, 8, 128, 64, 192, 64
+    H, I, E, Q, KV, D, HD = 160, 96, 8, 128, 64, 192, 32
 
     def has(name, dtype, shape):
         assert name in h, name
@@ -107,7 +135,7 @@ def test_names_dtypes_and_shapes(tiny):
         p = f"{LM}.layers.{L}"
         for proj, out, inp in (("q_proj", Q, H), ("k_proj", KV, H), ("v_proj", KV, H), ("o_proj", H, Q)):
             mx(f"{p}.self_attn.{proj}", out, inp)
-        has(f"{p}.self_attn.q_norm.weight", "BF16", (Q,))
+        has(f"{p}.self_attn.q_norm.weight", "BF16", (HD,)), has(f"{p}.self_attn.k_norm.weight", "BF16", (HD,))
         has(f"{p}.input_layernorm.weight", "BF16", (H,))
         has(f"{p}.post_attention_layernorm.weight", "BF16", (H,))
         moe = f"{p}.block_sparse_moe"
@@ -118,7 +146,7 @@ def test_names_dtypes_and_shapes(tiny):
         assert not any(n.startswith(f"{p}.mlp.") for n in h)
         has(f"{moe}.gate.weight", "BF16", (E, H))
         has(f"{moe}.e_score_correction_bias", "F32", (E,))
-        mx(f"{moe}.shared_experts.gate_proj", S, H), mx(f"{moe}.shared_experts.down_proj", H, S)
+        mx(f"{moe}.shared_experts.gate_proj", I, H), mx(f"{moe}.shared_experts.down_proj", H, I)  # I * 1 shared
         for e in range(E):
             mx(f"{moe}.experts.{e}.w1", I, H), mx(f"{moe}.experts.{e}.w3", I, H), mx(f"{moe}.experts.{e}.w2", H, I)
         assert sum(f"{moe}.experts." in n for n in h) == E * 6
@@ -128,7 +156,15 @@ def test_names_dtypes_and_shapes(tiny):
     for name in (f"{LM}.embed_tokens.weight", "language_model.lm_head.weight"):
         has(name, "BF16", (256, H))
     has(f"{LM}.norm.weight", "BF16", (H,))
-    assert sum(n.startswith("vision_tower.") and h[n][1]["dtype"] == "BF16" for n in h) >= 1
+    # vLLM's vision tower (patches, pre-norm, 1 layer of 16), projector, patch merger: loader names, BF16
+    vt = "vision_tower.vision_model"
+    has(f"{vt}.embeddings.patch_embedding.weight", "BF16", (32, 3, 2, 2, 2))
+    has(f"{vt}.encoder.layers.0.self_attn.q_proj.bias", "BF16", (32,))
+    has(f"{vt}.encoder.layers.0.mlp.fc1.weight", "BF16", (64, 32))
+    has("multi_modal_projector.linear_1.weight", "BF16", (H, 32))
+    has("patch_merge_mlp.linear_1.weight", "BF16", (H, 4 * H))
+    other = [n for n in h if not n.startswith(LM + ".") and n != "language_model.lm_head.weight"]
+    assert len(other) == 1 + 2 + 16 + 4 + 4 and all(h[n][1]["dtype"] == "BF16" for n in other)
 
 
 def test_index_and_shard_spread(tiny):

@@ -1,14 +1,15 @@
 """vLLM tests: only where vLLM 0.33 is installed (the second environment .ci/run builds), on the CPU.
 
 Checkpoints are built once per session: the tiny source (harness.TINY) and two conversions of it,
---long-context (dual + bf16_only layers) and --long-context --bf16 derive (native_only + bf16_only).
+--long-context (dual + bf16_only layers) and --long-context --bf16 derive (native_only + bf16_only);
+and the same model as the generator's default VL layout (harness.TINY_VL), converted --long-context.
 """
 
 import os
 from importlib import metadata
 
 import pytest
-from harness import TINY
+from harness import TINY, TINY_VL
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 try:  # the installed distribution: `import vllm` alone would find this directory as a namespace package
@@ -29,4 +30,6 @@ def checkpoints(tmp_path_factory):
     for name, bf16 in (("dual", "materialize"), ("derive", "derive")):
         out[name] = root / name
         convert(model_dir=str(src), out_dir=str(out[name]), long_context=True, bf16=bf16, progress=False)
+    out["vl_src"], out["vl"] = make_tiny_checkpoint(root / "vl_src", **TINY_VL), root / "vl"
+    convert(model_dir=str(out["vl_src"]), out_dir=str(out["vl"]), long_context=True, progress=False)
     return out

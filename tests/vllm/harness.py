@@ -2,9 +2,10 @@
 
 Shape of the tiny model: H 128, expert I 128 (64 per rank at TP 2), E 4, top-2, 6 layers (layer 0
 dense, 1-5 MoE with shared expert and routing bias; with --long-context layer 5 is bf16_only),
-sparse attention off. Two things vLLM 0.33 lacks on its CPU platform are supplied here, in the test
-process only: an MXFP8 linear kernel (its own EmulationMxfp8LinearKernel, which it lists for CUDA,
-ROCm and XPU) and sigmoid-with-bias top-k routing (its CPURouter's grouped path, with one group).
+sparse attention off; text only (MiniMaxM3SparseForCausalLM), or with a tiny vision tower (TINY_VL).
+Two things vLLM 0.33 lacks on its CPU platform are supplied here, in the test process only: an MXFP8
+linear kernel (its own EmulationMxfp8LinearKernel, which it lists for CUDA, ROCm and XPU) and
+sigmoid-with-bias top-k routing (its CPURouter's grouped path, with one group).
 """
 
 import os
@@ -25,6 +26,7 @@ TINY = dict(
     num_dense_layers=1,
     num_shards=3,
 )
+TINY_VL = {**TINY, "text_only": False}  # the generator's default: the VL model, decoder under language_model.
 MOE_LAYERS = range(1, 6)
 _distributed = False
 
