@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MxconvertError
+from .errors import MxconvertError, read_json
 from .layout import BLOCK
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -146,15 +146,7 @@ class SourceCheckpoint:
         self._lock = threading.Lock()  # reads come from several threads
 
     def _load_json(self, path: Path) -> dict:
-        if not path.is_file():
-            raise MxconvertError(path, "is missing", "Pass the directory of a Hugging Face checkpoint")
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MxconvertError(path, f"is not valid JSON ({e})", "Re-download it") from e
-        if not isinstance(data, dict):
-            raise MxconvertError(path, "is not a JSON object", "Re-download it")
-        return data
+        return read_json(path, fix="Re-download it", missing_fix="Pass the directory of a Hugging Face checkpoint")
 
     def _check_config(self) -> None:
         """The sizes the plan relies on (32-aligned where MXFP8 needs it), and MXFP8 quantization."""

@@ -8,7 +8,6 @@ of an uninterrupted run.
 """
 
 import hashlib
-import json
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from . import format as fmt
 from .checkpoint import SourceCheckpoint
-from .errors import MxconvertError
+from .errors import MxconvertError, read_json
 from .manifest import sha256_file, source_files
 from .plan import Plan
 from .writer import PARTIAL, write_json_atomic
@@ -132,13 +131,7 @@ def inspect(out: Path, source_dir: Path, *, force: bool, resume: bool, ident: di
 
 
 def _load(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MxconvertError(path, f"cannot be read ({e})", "Pass --force to start over") from e
-    if not isinstance(data, dict):
-        raise MxconvertError(path, "is not a JSON object", "Pass --force to start over")
-    return data
+    return read_json(path, fix="Pass --force to start over")
 
 
 def _compare(recorded: dict, ident: dict, out: Path, source_dir: Path) -> None:

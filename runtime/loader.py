@@ -5,7 +5,6 @@ expert ranges, w13's gate and up rows) in chunks on a few threads, staged throug
 on their way to a GPU; strided slices (w2's K columns, packed scale columns) through a read-only mmap.
 """
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mxconvert import format as fmt
 from mxconvert.checkpoint import DTYPE_BYTES, TensorInfo, read_header
-from mxconvert.errors import MxconvertError
+from mxconvert.errors import MxconvertError, read_json
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.manifest import load_manifest
 from mxconvert.runtime.bands import bands_for
@@ -55,13 +54,7 @@ class ConvertedCheckpoint:
         self._headers: dict[str, tuple[dict, int]] = {}
 
     def _json(self, name: str) -> dict:
-        path = self.dir / name
-        if not path.is_file():
-            raise MxconvertError(path, "is missing", "Convert again into this directory")
-        try:
-            return json.loads(path.read_text())
-        except ValueError as e:
-            raise MxconvertError(path, f"is not valid JSON ({e})", "Convert again") from e
+        return read_json(self.dir / name, fix="Convert again", missing_fix="Convert again into this directory")
 
     @property
     def top_k(self) -> int:
