@@ -127,8 +127,7 @@ class SourceCheckpoint:
             raise MxconvertError(self.dir, problem, "Pass a checkpoint directory or a Hub repo id")
         self.config = self._load_json(self.dir / "config.json")
         self.text_config = self.config.get("text_config", self.config)
-        self._check_config()
-        self.quant_config = self.config.get("quantization_config") or self.text_config.get("quantization_config")
+        self.quant_config = self._check_config()
         self.shards = self._shard_files()
         self.header_sha256: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -148,8 +147,9 @@ class SourceCheckpoint:
     def _load_json(self, path: Path) -> dict:
         return read_json(path, fix="Re-download it", missing_fix="Pass the directory of a Hugging Face checkpoint")
 
-    def _check_config(self) -> None:
-        """The sizes the plan relies on (32-aligned where MXFP8 needs it), and MXFP8 quantization."""
+    def _check_config(self) -> dict:
+        """The sizes the plan relies on (32-aligned where MXFP8 needs it), and MXFP8 quantization: returns
+        the quantization_config."""
         path, where = self.dir / "config.json", "text_config." if "text_config" in self.config else ""
         fix = "Pass a MiniMax-M3 MXFP8 checkpoint (its config.json unchanged)"
         if not isinstance(self.text_config, dict):
@@ -182,6 +182,7 @@ class SourceCheckpoint:
                     path, f"quantization_config.config_groups.{name}.weights is not MXFP8 (8-bit float, group_size "
                     f"{BLOCK})", "Convert an MXFP8 checkpoint",
                 )  # fmt: skip
+        return quant
 
     def _shard_files(self) -> list[Path]:
         if (self.dir / INDEX_NAME).is_file():
