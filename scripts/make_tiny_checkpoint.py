@@ -1,8 +1,13 @@
 """Seeded tiny MiniMax-M3-shaped MXFP8 checkpoints (FORMAT.md's input), for tests and benchmarks.
 
 Same seed and arguments -> byte-identical files. A tensor's bytes depend only on (seed, name, shape),
-not on the shard layout. Values are valid E4M3FN codes drawn uniformly (never 0x7F/0xFF, NaN), scales
-E8M0 bytes in 120..127, plus the edge bytes listed by `planted_bytes()` in the first MoE layer's experts.
+not on the shard layout. Two kinds of MXFP8 weights:
+- edge (the function's default, what the converter's tests use): valid E4M3FN codes drawn uniformly
+  (never 0x7F/0xFF, NaN), scales E8M0 bytes in 120..127, plus the edge bytes listed by `planted_bytes()`
+  in the first MoE layer's experts. Weights reach ~1e38 (scale 253), so a forward gives inf/NaN there.
+- demo (`demo=True`; the command line's default): Gaussian weights (std 0.02) quantized to MXFP8 as a
+  real checkpoint is (block maximum at the top of E4M3FN), no planted bytes: a forward on ordinary
+  inputs is finite and meaningful. `--edge-bytes` on the command line writes the edge kind.
 Files: config.json, shards + index, tokenizer.json, tokenizer_config.json, chat_template.jinja,
 generation_config.json, modeling_minimax_m3.py, README.md, and NOT_COPIED (a converter must skip it).
 Layout as vLLM 0.33 loads MiniMax-M3: the VL model (MiniMaxM3SparseForConditionalGeneration: decoder under
@@ -24,6 +29,7 @@ import numpy as np
 
 EDGE_FP8 = [0x80, 0x7E, 0xFE, 0x00, *range(0x01, 0x08), *range(0x81, 0x88)]  # -0, 448, -448, 0, subnormals
 EDGE_SCALE = [0, 1, 127, 253]
+DEMO_STD = 0.02  # demo weights: the usual init scale of a transformer's linears
 NOT_COPIED = "original/notes.bin"  # neither weights nor a side file: the converter must not copy it
 EXPERT_NAMES = {
     "minimax": ("w1", "w3", "w2"),
@@ -126,8 +132,25 @@ def _mxfp8_pool(seed, n=1 << 24):
     return (x / torch.exp2(exponent)).to(torch.float8_e4m3fn).view(torch.uint8).reshape(-1).numpy()
 
 
-def _values(seed, name, dtype, shape, pool=None):
+def _demo_mx(seed, name, dtype, shape):
+    """One demo MXFP8 linear's bytes: the weight's (F8_E4M3 [out, in]) or its scales' (U8 [out, in/32]).
+    Both come from the same Gaussian (seeded by the linear's name), so values and scales agree."""
+    import torch  # only for its float8 rounding
+
+    base, _ = name.rsplit(".", 1)
+    out, inp = shape if dtype == "F8_E4M3" else (shape[0], shape[1] * 32)
+    rng = np.random.default_rng([seed, zlib.crc32(base.encode()), 3])
+    x = torch.from_numpy(rng.standard_normal((out * inp // 32, 32), dtype=np.float32) * DEMO_STD)
+    exponent = torch.ceil(torch.log2(x.abs().amax(dim=1, keepdim=True) / 448)).clamp(-127, 127)
+    if dtype == "U8":
+        return (exponent.reshape(-1) + 127).to(torch.uint8).numpy()
+    return (x / torch.exp2(exponent)).to(torch.float8_e4m3fn).view(torch.uint8).reshape(-1).numpy()
+
+
+def _values(seed, name, dtype, shape, pool=None, demo=False):
     """A tensor's bytes from its own generator, so layouts and write order do not change them."""
+    if demo and dtype in ("F8_E4M3", "U8"):
+        return _demo_mx(seed, name, dtype, shape)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     n = int(np.prod(shape))
     if dtype == "F8_E4M3" and pool is not None:  # realistic codes: the pool, rotated per tensor
@@ -146,7 +169,7 @@ def _values(seed, name, dtype, shape, pool=None):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).view(np.uint8)  # BF16, nearest-even
 
 
-def _write_safetensors(path, seed, specs, patches, pool=None):
+def _write_safetensors(path, seed, specs, patches, pool=None, demo=False):
     """Header planned from shapes, then each tensor's bytes in `specs` order (one tensor in memory)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in specs:
@@ -158,7 +181,7 @@ def _write_safetensors(path, seed, specs, patches, pool=None):
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for name, dtype, shape in specs:
-            data = _values(seed, name, dtype, shape, pool)
+            data = _values(seed, name, dtype, shape, pool, demo)
             for row, col, byte in patches.get(name, ()):
                 data.reshape(shape)[row, col] = byte
             f.write(data.tobytes())
@@ -286,6 +309,7 @@ def make_tiny_checkpoint(
     poison=(),
     fp8_values="uniform",
     text_only=False,
+    demo=False,
 ) -> Path:
     """Write the checkpoint into out_dir (created; should be empty) and return its path.
 
@@ -295,9 +319,13 @@ def make_tiny_checkpoint(
     weights, as real checkpoints: for benchmarks).
     text_only: the text backbone alone (MiniMaxM3SparseForCausalLM): the text config at the top, names
     under `model.` and `lm_head`, no vision tensors; else the VL model (MiniMaxM3SparseForConditionalGeneration).
+    demo: Gaussian MXFP8 weights with their own scales and no planted edge bytes (finite forwards);
+    else the edge kind the converter's tests check (see the module's docstring).
     """
     if fp8_values not in ("uniform", "mxfp8"):
         raise ValueError(f"fp8_values must be 'uniform' or 'mxfp8', not {fp8_values!r}")
+    if demo and fp8_values != "uniform":
+        raise ValueError("demo draws its own FP8 values: leave fp8_values at 'uniform'")
     pool = _mxfp8_pool(seed) if fp8_values == "mxfp8" else None
     if naming not in EXPERT_NAMES:
         raise ValueError(f"naming must be one of {sorted(EXPERT_NAMES)}, not {naming!r}")
@@ -348,7 +376,7 @@ def make_tiny_checkpoint(
         _vision(specs, h)
 
     patches = {}
-    if len(moe_layers):
+    if len(moe_layers) and not demo:
         for name, row, col, byte in planted_bytes(
             hidden_size=h,
             intermediate_size=i,
@@ -388,7 +416,7 @@ def make_tiny_checkpoint(
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if num_shards == 1 else f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
         order = [shard[j] for j in rng.permutation(len(shard))]  # a shuffled file order
-        _write_safetensors(out / fname, seed, order, patches, pool)
+        _write_safetensors(out / fname, seed, order, patches, pool, demo)
         weight_map.update({n: fname for n, _, _ in shard})
     if num_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -418,7 +446,10 @@ def make_tiny_checkpoint(
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Write a seeded tiny MiniMax-M3-shaped MXFP8 checkpoint.")
+    ap = argparse.ArgumentParser(
+        description="Write a seeded tiny MiniMax-M3-shaped MXFP8 checkpoint (by default the demo kind: "
+        "Gaussian weights whose forward is finite)."
+    )
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden-size", type=int, default=160)
@@ -430,7 +461,15 @@ def main(argv=None):
     ap.add_argument("--no-mtp", dest="mtp", action="store_false")
     ap.add_argument("--fp8-values", choices=["uniform", "mxfp8"], default="uniform")
     ap.add_argument("--text-only", action="store_true", help="the text backbone alone, as vLLM loads it")
+    ap.add_argument(
+        "--edge-bytes",
+        dest="demo",
+        action="store_false",
+        help="every FP8 code and the planted edge bytes, as the converter's tests use (forwards overflow)",
+    )
     args = vars(ap.parse_args(argv))
+    if args["fp8_values"] != "uniform" and args["demo"]:
+        ap.error("--fp8-values needs --edge-bytes (the demo kind draws its own values)")
     print(make_tiny_checkpoint(args.pop("out_dir"), **args))
 
 

@@ -255,8 +255,71 @@ def test_bad_sizes_are_refused(tmp_path):
 
 
 def test_command_line_matches_the_function(tiny, tmp_path):
+    """--edge-bytes writes the function's default (the tests' kind); no flag writes demo=True."""
+    for flags, want in (
+        (["--edge-bytes"], tiny),
+        ([], make_tiny_checkpoint(tmp_path / "demo", seed=0, num_shards=2, demo=True)),
+    ):
+        out = tmp_path / f"cli{len(flags)}"
+        run = subprocess.run(
+            [sys.executable, str(SCRIPT), str(out), "--seed", "0", *flags]
+            + ([] if flags else ["--num-shards", "2"]),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert run.stdout.strip() == str(out)
+        assert file_bytes(out) == file_bytes(want)
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "cli"), "--seed", "0"], capture_output=True, text=True, check=True
+        [sys.executable, str(SCRIPT), str(tmp_path / "x"), "--fp8-values", "mxfp8"], capture_output=True, text=True
     )
-    assert run.stdout.strip() == str(tmp_path / "cli")
-    assert file_bytes(tmp_path / "cli") == file_bytes(tiny)
+    assert run.returncode == 2 and "--fp8-values needs --edge-bytes" in run.stderr
+
+
+def test_demo_weights_are_mxfp8_quantized_gaussians_without_planted_bytes(tmp_path):
+    demo = make_tiny_checkpoint(tmp_path / "d", demo=True, num_shards=1)
+    h = headers(demo)
+    plants = planted_bytes()
+    found = [int(tensor_bytes(demo, h[n][0], n)[r, c]) for n, r, c, _ in plants]
+    assert sum(f == b for f, (_, _, _, b) in zip(found, plants)) < len(plants) // 4  # not planted
+    w = f"{LM}.layers.3.block_sparse_moe.experts.0.w1"
+    values = tensor_bytes(demo, "model.safetensors", f"{w}.weight")  # [I, H]
+    scales = tensor_bytes(demo, "model.safetensors", f"{w}.weight_scale_inv")  # [I, H/32]
+    x = values.view(torch.float8_e4m3fn).float().view(96, 5, 32) * torch.exp2(scales.float() - 127)[..., None]
+    assert 0.015 < x.std().item() < 0.025  # N(0, 0.02), quantized
+    block_max = values.view(torch.float8_e4m3fn).float().abs().view(96, 5, 32).amax(-1)
+    assert block_max.min() >= 224 and block_max.max() <= 448  # each block's maximum at the top of E4M3FN
+    assert not ((values & 0x7F) == 0x7F).any()
+    with pytest.raises(ValueError, match="demo draws its own"):
+        make_tiny_checkpoint(tmp_path / "e", demo=True, fp8_values="mxfp8")
+
+
+@pytest.mark.parametrize("demo", [True, False])
+def test_demo_forward_is_finite_and_the_edge_kind_overflows(tmp_path, demo):
+    """The runtime on the first MoE layer with ordinary inputs (N(0, 1) hidden states, its own router):
+    finite and close to the float64 reference from the source on the demo kind; not finite on the edge
+    kind, whose planted scale 253 sits in that layer."""
+    from mxconvert.convert import convert
+    from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer
+    from mxconvert.runtime.reference import reference64, source_experts
+    from mxconvert.runtime.router import route
+
+    src = make_tiny_checkpoint(tmp_path / "src", demo=demo, num_shards=1, mtp=False, num_hidden_layers=4)
+    convert(model_dir=str(src), out_dir=str(tmp_path / "out"), progress=False)
+    ckpt = ConvertedCheckpoint(tmp_path / "out")
+    prefix = f"{LM}.layers.3.block_sparse_moe.experts"
+    layer = load_moe_layer(ckpt, prefix, native_mode="w8a8")
+    gate = ckpt.read(f"{LM}.layers.3.block_sparse_moe.gate.weight").float()
+    bias = ckpt.read(f"{LM}.layers.3.block_sparse_moe.e_score_correction_bias")
+    w13, w2 = source_experts(src, prefix)
+    hidden = torch.randn(16, 160, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for t, path, bound in ((1, "bf16", 1e-2), (16, "w8a8", 0.15)):
+        weights, ids = route(hidden[:t].float() @ gate.T, bias, top_k=2)
+        out = layer(hidden[:t], weights, ids)
+        assert layer.last_path == path
+        if not demo:
+            assert not torch.isfinite(out).all()
+            continue
+        ref = reference64(hidden[:t], weights, ids, w13, w2, ckpt.activation)
+        assert torch.isfinite(out).all() and 0.01 < ref.abs().max() < 10
+        assert ((out.double() - ref).norm() / ref.norm()).item() < bound
