@@ -1,8 +1,13 @@
 """The `mxconvert` command: a thin click shell over convert(), verify() and push(), same parameter names."""
 
+import difflib
+import os
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import click
+from click.shell_completion import CompletionItem
 
 from . import __version__
 from .errors import MxconvertError, OptionError
@@ -18,19 +23,68 @@ Examples:
 """
 
 
+class _UsageError(click.ClickException):
+    """A usage error already worded as one `Error:` line: exit code 2, no usage block."""
+
+    exit_code = 2
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 class _DefaultToConvert(click.Group):
     """`mxconvert MODEL_DIR OUT_DIR` means `mxconvert convert MODEL_DIR OUT_DIR`."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            if not ctx.resilient_parsing:  # shell completion parses half-typed words: no errors there
+                self._check_first_word(args[0])
             args = ["convert", *args]
         return super().parse_args(ctx, args)
 
+    def _check_first_word(self, word: str) -> None:
+        """A bare word (no '/', so no Hub id owner/name) that is not on disk is a mistyped command, most
+        likely: list the commands rather than report a missing OUT_DIR."""
+        if word.startswith("-") or "/" in word or os.sep in word or Path(word).expanduser().exists():
+            return
+        close = difflib.get_close_matches(word, self.commands, n=1)
+        maybe = f"Did you mean 'mxconvert {close[0]}'? " if close else ""
+        raise _UsageError(
+            f"{word}: is not a command, an existing path or a Hub repo id (owner/name). "
+            f"{maybe}Commands: {', '.join(self.commands)} (run 'mxconvert --help')."
+        )
 
-class _UsageError(click.ClickException):
-    """A usage error already worded as one `Error:` line: exit code 2, no usage block."""
+    def shell_complete(self, ctx, incomplete):
+        """Command names, and paths: the first word may be a MODEL_DIR."""
+        items = super().shell_complete(ctx, incomplete)
+        return items + ([] if incomplete.startswith("-") else [CompletionItem(incomplete, type="dir")])
 
-    exit_code = 2
+
+def _versions(ctx, _param, value) -> None:
+    """--version: what a bug report needs, torch, triton and safetensors included, and the GPU seen."""
+    if not value or ctx.resilient_parsing:
+        return
+    lines = [f"mxconvert {__version__}", f"python {sys.version.split()[0]}"]
+    for package in ("torch", "triton", "safetensors", "huggingface_hub", "vllm"):
+        try:
+            lines.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{package} not installed")
+    click.echo("\n".join(lines + [_gpu_line()]))
+    ctx.exit()
+
+
+def _gpu_line() -> str:
+    import torch  # only here: the other commands import it when they need it
+
+    hip, cuda = torch.version.hip, torch.version.cuda
+    build = f"ROCm {hip}" if hip else f"CUDA {cuda}" if cuda else None
+    build = f"torch built for {build}" if build else "torch is a CPU-only build"
+    if not torch.cuda.is_available():
+        return f"GPU: none visible ({build})"
+    names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    return f"GPU: {torch.cuda.device_count()} visible ({', '.join(names)}; {build})"
 
 
 class _Command(click.Command):
@@ -74,14 +128,21 @@ def _run(
 
 
 @click.group(cls=_DefaultToConvert, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mxconvert")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_versions,
+    help="Show the versions of mxconvert, torch, triton and safetensors, the GPU seen, and exit.",
+)
 def main():
     """Convert MiniMax-M3 MXFP8 checkpoints into the MI300X-ready format (FNUZ FP8, packed scales, BF16 copies)."""
 
 
 @main.command(cls=_Command, epilog=EXAMPLES)
-@click.argument("model_dir")
-@click.argument("out_dir")
+@click.argument("model_dir", type=click.Path())  # or a Hub repo id; Path only for shell completion
+@click.argument("out_dir", type=click.Path())
 @click.option(
     "--long-context", is_flag=True, help="Store MoE layers with index % 5 == 0 as BF16 only (fits HBM at long context)."
 )
@@ -136,10 +197,10 @@ def convert(**kwargs):
     elif not kwargs["dry_run"]:
         size = f"{plan.output_bytes / 2**30:.2f} GiB"
         if plan.kept:
-            written = f"{len(plan.shards) - len(plan.kept)} of {len(plan.shards)} shards ({size} in all)"
+            written = f"{len(plan.shards) - len(plan.kept)} of {_plural(len(plan.shards), 'shard')} ({size} in all)"
             click.echo(f"Wrote {written} to {out}, kept {len(plan.kept)} finished before; verified.")
         else:
-            click.echo(f"Wrote {len(plan.shards)} shards ({size}) to {out}; verified.")
+            click.echo(f"Wrote {_plural(len(plan.shards), 'shard')} ({size}) to {out}; verified.")
 
 
 @main.command(cls=_Command, epilog=EXAMPLES)
@@ -152,6 +213,8 @@ def verify(out_dir, source, quick):
     """Check OUT_DIR against its manifest and the format (and the source, bit for bit)."""
     from .manifest import verify as run_verify
 
+    if not Path(out_dir).exists():  # before the manifest check, which would call it unfinished
+        raise click.ClickException(str(MxconvertError(out_dir, "does not exist", "Pass the OUT_DIR of a conversion")))
     manifest = _run(
         run_verify, out_dir=out_dir, source=source, full=not quick, interrupted="Interrupted: the check did not finish."
     )

@@ -21,15 +21,15 @@ def source(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("src") / "tiny")
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="mxconvert")
+def run(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="mxconvert", **kwargs)
 
 
 def test_convert_is_the_default_command_and_verify_accepts_it(source, tmp_path):
     out = tmp_path / "out"
     result = run(source, out, "--long-context", "--bf16-max-tokens", 4, "--bf16-min-tokens", 512, "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "verified" in result.output
+    assert result.output.startswith("Wrote 1 shard (") and "verified" in result.output  # singular
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quant["experts"]["dispatch"] == {"bf16_max_tokens": 4, "bf16_min_tokens": 512}
     assert quant["experts"]["layers"]["language_model.model.layers.5.block_sparse_moe.experts"] == "bf16_only"
@@ -78,11 +78,68 @@ def test_bad_option_values_are_usage_errors(source, tmp_path):
     assert result.exit_code == 1 and "cannot be created" in result.output and "Traceback" not in result.output
 
 
+def test_shard_count_is_plural_above_one(source, tmp_path):
+    result = run(source, tmp_path / "out", "--max-shard-size", "300KB", "--no-progress")
+    assert result.exit_code == 0, result.output
+    count = len(list((tmp_path / "out").glob("model-*.safetensors")))
+    assert count > 1 and result.output.startswith(f"Wrote {count} shards (")
+
+
+def test_unknown_first_word_lists_the_commands(source, tmp_path, monkeypatch):
+    """A bare word that is no command, no path here and no Hub id (owner/name) is a mistyped command."""
+    monkeypatch.chdir(tmp_path)
+    for word, hint in (("verfy", " Did you mean 'mxconvert verify'?"), ("frobnicate", "")):
+        result = run(word, "out")
+        assert result.exit_code == 2, result.output
+        assert result.output == (
+            f"Error: {word}: is not a command, an existing path or a Hub repo id (owner/name).{hint} "
+            "Commands: convert, verify, push (run 'mxconvert --help').\n"
+        )
+    (tmp_path / "tiny").symlink_to(source)  # a bare word that names a directory here converts it
+    result = run("tiny", "out", "--dry-run")
+    assert result.exit_code == 0 and "dry run: nothing written" in result.output
+    import huggingface_hub  # offline: a Hub id goes to the fetch, which refuses without the network
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = run("nobody/no-such-model-here", "out")
+    assert result.exit_code == 1 and "nobody/no-such-model-here: " in result.output
+    assert "is not a command" not in result.output
+
+
+def test_verify_a_missing_directory(tmp_path):
+    result = run("verify", tmp_path / "missing")
+    assert result.exit_code == 1
+    assert result.output == f"Error: {tmp_path / 'missing'}: does not exist. Pass the OUT_DIR of a conversion.\n"
+
+
+def test_version_names_what_a_bug_report_needs():
+    lines = run("--version").output.splitlines()
+    assert lines[0] == f"mxconvert {__version__}"
+    for package in ("torch", "triton", "safetensors"):
+        assert any(line.startswith(f"{package} ") and "not installed" not in line for line in lines), package
+    gpu = lines[-1]
+    assert gpu.startswith("GPU: ") and ("none visible" in gpu) == (not torch.cuda.is_available())
+
+
+def test_shell_completion(tmp_path):
+    """click's completion protocol, as the scripts that README's eval line installs call it."""
+
+    def complete(words: str) -> list[str]:
+        env = {"_MXCONVERT_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+        result = run(env=env)
+        assert result.exit_code == 0, result.output
+        return result.output.split()
+
+    assert "plain,verify" in complete("mxconvert ve") and "dir,ve" in complete("mxconvert ve")
+    assert {"plain,--bf16", "plain,--bf16-max-tokens"} <= set(complete("mxconvert src out --bf"))
+    assert "plain,--quick" in complete("mxconvert verify --q")
+
+
 def test_dry_run_version_and_help(source, tmp_path):
     result = run(source, tmp_path / "o", "--dry-run")
     assert result.exit_code == 0 and "dry run: nothing written" in result.output
     assert not (tmp_path / "o").exists()
-    assert __version__ in run("--version").output
     help_text = run("--help").output
     assert "Examples:" in help_text and "verify" in help_text
     convert_help = run("convert", "--help").output
@@ -104,7 +161,7 @@ def test_real_subprocess(source, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run(
-        [sys.executable, "-m", "mxconvert.cli", str(source), str(out), "--bf16", "derive"],
+        [sys.executable, "-m", "mxconvert", str(source), str(out), "--bf16", "derive"],
         capture_output=True,
         text=True,
         env=env,
@@ -114,7 +171,7 @@ def test_real_subprocess(source, tmp_path):
     assert "converting: 100%" in proc.stderr and "B/s" in proc.stderr  # tqdm, counted in bytes
     assert (out / "mxconvert.json").is_file()
     proc = subprocess.run(
-        [sys.executable, "-m", "mxconvert.cli", str(source), str(out)],
+        [sys.executable, "-m", "mxconvert", str(source), str(out)],
         capture_output=True,
         text=True,
         env=env,
