@@ -4,7 +4,14 @@ C[p, n] = sum_k A[p // A_DIV, k] * B[e, n, k] (* topk_weight[p]) for every pair 
 sorted_ids, e that block's expert. MODE 0: BF16 A and B. MODE 1 (W8A16): BF16 A, FP8 B times its E8M0
 scale dequantized to BF16 in registers. MODE 2 (W8A8): FP8 A and B, one 32-wide FP8 dot per scale
 group, rescaled by sa * sb into the fp32 accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
-fills the MMA's M side (wgmma needs 64) when a block holds few tokens.
+fills the MMA's M side (wgmma needs 64) when a block holds few tokens. SPLIT_K > 1 (no top-k weights):
+program axis 1 takes one K slice and stores fp32 partials [SPLIT_K, P, N] that the consumer sums, so
+more CTAs stream weights when few blocks exist (decode).
+
+W8A16 dequantization (DEQUANT): 0 through fp32 (portable); 1 bit placement: the E4M3 byte's sign and 7
+exponent-mantissa bits go straight into a BF16 pattern (exact, subnormals included: value * 2**-119 read
+as FNUZ) and the bias difference rides on the power-of-two scale; 2 the same in NVIDIA inline PTX, four
+weights per instance (prmt + shifts + two packed BF16 multiplies).
 """
 
 import triton
@@ -24,6 +31,101 @@ def _dequant(b, scale):
     # FP8 b times a power-of-two fp32 scale, as BF16: exact (FP8 has 4 significant bits). Through fp32:
     # on the H100 a BF16 multiply after a native FP8 -> BF16 cast measured 7-22% slower (notes/kernels.md).
     return (b.to(tl.float32) * scale).to(tl.bfloat16)
+
+
+@triton.jit
+def _bits_scale(byte, FP32: tl.constexpr):
+    # 2**(byte - 135): the scale a bit-placed weight (FNUZ value * 2**-119) takes after the constant 2**127.
+    # Exact down to byte 2 in BF16 (subnormal scales below byte 9), to byte 0 in fp32.
+    s = byte.to(tl.int32)
+    if FP32:
+        bits = tl.where(s >= 9, (s - 8) << 23, 1 << (s + 14))
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        bits = tl.where(s >= 9, (s - 8) << 7, tl.where(s >= 2, 1 << tl.maximum(s - 2, 0), 0))
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _dequant_bits(b, scale, FP32: tl.constexpr):
+    # uint8 E4M3 bytes -> BF16 by bit placement: sign to bit 15, exponent-mantissa to bits 4..10 (an exact
+    # BF16 of the FNUZ value times 2**-119), then * 2**127 * scale. FP32: the interpreter's exact route.
+    v = b.to(tl.int32)
+    bits = ((v & 0x80) << 8) | ((v & 0x7F) << 4)
+    if FP32:
+        x = (bits << 16).to(tl.float32, bitcast=True) * 1.7014118346046923e38  # 2**127
+        return _to_bf16(x * scale, True)
+    else:
+        x = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return x * 1.7014118346046923e38 * scale
+
+
+@triton.jit
+def _dequant_asm(b, scale):
+    # _dequant_bits in PTX, four bytes per instance: prmt spreads bytes 0,1 (2,3) into the high bytes of two
+    # 16-bit halves; shift + masks place the bits; fma.bf16x2 (exact: powers of two) applies 2**127 * scale.
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t0, t1, m0, m1, big, nz;
+        prmt.b32 t0, $2, 0, 0x1404;
+        prmt.b32 t1, $2, 0, 0x3424;
+        shr.b32 m0, t0, 4;
+        shr.b32 m1, t1, 4;
+        and.b32 m0, m0, 0x07F007F0;
+        and.b32 m1, m1, 0x07F007F0;
+        and.b32 t0, t0, 0x80008000;
+        and.b32 t1, t1, 0x80008000;
+        or.b32 t0, t0, m0;
+        or.b32 t1, t1, m1;
+        mov.b32 big, 0x7F007F00;
+        mov.b32 nz, 0x80008000;
+        fma.rn.bf16x2 t0, t0, big, nz;
+        fma.rn.bf16x2 t1, t1, big, nz;
+        fma.rn.bf16x2 $0, t0, $3, nz;
+        fma.rn.bf16x2 $1, t1, $4, nz;
+        }
+        """,
+        constraints="=r,=r,r,r,r",
+        args=[b, scale],
+        dtype=tl.bfloat16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _w8a16_tile(
+    b,
+    bs_ptrs,
+    bs_mask,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    SCALE_SHIFT: tl.constexpr,
+    DEQUANT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALE_AXIS: tl.constexpr,
+):
+    # A weight tile (FP8 view, or uint8 bytes when DEQUANT > 0) times its E8M0 scales -> BF16 [ROWS, COLS].
+    # SCALE_AXIS 1: tile [N, K], scales [N, G]; 0: tile [K, N], scales [G, N].
+    byte = tl.load(bs_ptrs, mask=bs_mask, other=127)
+    if DEQUANT == 0:
+        sc = _e8m0(byte, SCALE_SHIFT)
+    else:
+        sc = _bits_scale(byte, UPCAST)
+    if SCALE_AXIS == 1:
+        b3 = tl.reshape(b, (ROWS, COLS // 32, 32))
+        sc = tl.broadcast_to(sc[:, :, None], (ROWS, COLS // 32, 32))
+    else:
+        b3 = tl.reshape(b, (ROWS // 32, 32, COLS))
+        sc = tl.broadcast_to(sc[:, None, :], (ROWS // 32, 32, COLS))
+    if DEQUANT == 0:
+        w = _dequant(b3, sc)
+    elif DEQUANT == 1 or UPCAST:
+        w = _dequant_bits(b3, sc, UPCAST)
+    else:
+        w = _dequant_asm(b3, sc)
+    return tl.reshape(w, (ROWS, COLS))
 
 
 @triton.jit
@@ -63,12 +165,15 @@ def _fused_moe_kernel(
     SWAP_AB: tl.constexpr,
     UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr,
+    DEQUANT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Shape legend: P pairs, N out, K in, G = K / 32; A [P / A_DIV, K], B [E, N, K], C [P, N].
+    # Shape legend: P pairs, N out, K in, G = K / 32; A [P / A_DIV, K], B [E, N, K], C [P, N]
+    # (SPLIT_K > 1: fp32 C [SPLIT_K, P, N]).
     pid = tl.program_id(0)
     num_m = tl.cdiv(tl.load(num_post_pad_ptr), BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -94,8 +199,14 @@ def _fused_moe_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     G: tl.constexpr = BLOCK_K // 32
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K > 1:  # this program's K slice, whole BLOCK_K steps
+        per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = tl.program_id(1) * per
+        k_hi = tl.minimum(k_lo + per, K)
 
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if MODE == 2:
             # W8A8: per 32-group FP8 dot, then both scales in fp32 (a scale may not cross groups).
             for g in tl.static_range(G):
@@ -138,15 +249,17 @@ def _fused_moe_kernel(
                     b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
                 )
                 if MODE == 1:
-                    sb = _e8m0(
-                        tl.load(
-                            bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
-                            mask=n_ok[:, None] & (gg[None, :] < K // 32),
-                            other=127,
-                        ),
+                    b = _w8a16_tile(
+                        b,
+                        bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
+                        n_ok[:, None] & (gg[None, :] < K // 32),
+                        BLOCK_N,
+                        BLOCK_K,
                         SCALE_SHIFT,
+                        DEQUANT,
+                        UPCAST,
+                        1,
                     )
-                    b = tl.reshape(_dequant(tl.reshape(b, (BLOCK_N, G, 32)), sb[:, :, None]), (BLOCK_N, BLOCK_K))
                 acc = _dot(b, a, acc, UPCAST)
             else:
                 a = tl.load(
@@ -156,24 +269,34 @@ def _fused_moe_kernel(
                     b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
                 )
                 if MODE == 1:
-                    sb = _e8m0(
-                        tl.load(
-                            bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
-                            mask=n_ok[None, :] & (gg[:, None] < K // 32),
-                            other=127,
-                        ),
+                    b = _w8a16_tile(
+                        b,
+                        bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
+                        n_ok[None, :] & (gg[:, None] < K // 32),
+                        BLOCK_K,
+                        BLOCK_N,
                         SCALE_SHIFT,
+                        DEQUANT,
+                        UPCAST,
+                        0,
                     )
-                    b = tl.reshape(_dequant(tl.reshape(b, (G, 32, BLOCK_N)), sb[:, None, :]), (BLOCK_K, BLOCK_N))
                 acc = _dot(a, b, acc, UPCAST)
 
+    if SPLIT_K > 1:  # fp32 partials; the consumer sums the slices
+        c_ptr += tl.program_id(1).to(tl.int64) * P * stride_cm
     if SWAP_AB:
         if MUL_WEIGHT:
             acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + pairs[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-        tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[None, :] & n_ok[:, None])
+        if SPLIT_K > 1:
+            tl.store(c_ptrs, acc, mask=row_ok[None, :] & n_ok[:, None])
+        else:
+            tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[None, :] & n_ok[:, None])
     else:
         if MUL_WEIGHT:
             acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         c_ptrs = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[:, None] & n_ok[None, :])
+        if SPLIT_K > 1:
+            tl.store(c_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+        else:
+            tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[:, None] & n_ok[None, :])

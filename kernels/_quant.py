@@ -117,6 +117,7 @@ def _swiglu_kernel(
     s_ptr,
     M,
     I,
+    stride_xs,
     stride_xm,
     stride_om,
     stride_sm,
@@ -127,17 +128,25 @@ def _swiglu_kernel(
     BC: tl.constexpr,
     QUANT: tl.constexpr,
     INTERP: tl.constexpr,
+    SPLIT: tl.constexpr,
     BIAS: tl.constexpr,
     MAX_EXP: tl.constexpr,
     MAX_MANT: tl.constexpr,
 ):
-    # x [M, 2I] bf16 (gate | up) -> out [M, I]: bf16, or FP8 bytes + scales [M, I/32] when QUANT
+    # x [M, 2I] bf16 (gate | up), or SPLIT fp32 partials [SPLIT, M, 2I] summed and rounded to BF16 here
+    # (what an unsplit GEMM1 would have stored) -> out [M, I]: bf16, or FP8 bytes + scales [M, I/32] when QUANT
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows[:, None] < M) & (cols[None, :] < I)
     base = x_ptr + rows[:, None] * stride_xm + cols[None, :]
     g = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(base + I, mask=mask, other=0.0).to(tl.float32)
+    if SPLIT > 1:
+        for s in tl.static_range(1, SPLIT):
+            g += tl.load(base + s * stride_xs, mask=mask, other=0.0)
+            u += tl.load(base + s * stride_xs + I, mask=mask, other=0.0)
+        g = _to_bf16(g, INTERP).to(tl.float32)
+        u = _to_bf16(u, INTERP).to(tl.float32)
     gate = tl.minimum(g, limit)
     up = tl.minimum(tl.maximum(u, -limit), limit)
     y = _to_bf16(gate / (1.0 + tl.exp(-alpha * gate)) * (up + beta), INTERP)

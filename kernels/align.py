@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from mxconvert.kernels._align import _count_kernel, _scatter_kernel
+from mxconvert.kernels._align import _align_small_kernel, _count_kernel, _scatter_kernel
 
 CHUNK = 128
+SMALL = 128  # up to this many pairs (T 32 at top-4): one launch, no memset (_align_small_kernel)
 
 
 @dataclass
@@ -36,12 +37,32 @@ def max_slots(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def align_routing(topk_ids: torch.Tensor, *, num_experts: int, block_m: int) -> Alignment:
-    """topk_ids [T, k] (ids in [0, E)) -> Alignment; a memset and two launches, no host synchronization."""
+    """topk_ids [T, k] (ids in [0, E); id E: placed nowhere) -> Alignment; no host synchronization.
+    Up to SMALL pairs one launch, else a memset and two launches."""
     ids = topk_ids.reshape(-1).to(torch.int32)
     p = ids.numel()
     slots = max_slots(p, num_experts, block_m)
     e_pad = triton.next_power_of_2(num_experts + 1)
     dev = topk_ids.device
+    if 0 < p <= SMALL:
+        sorted_ids = torch.empty(slots, dtype=torch.int32, device=dev)
+        expert_ids = torch.empty(slots // block_m, dtype=torch.int32, device=dev)
+        num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
+        _align_small_kernel[(1,)](
+            ids,
+            sorted_ids,
+            expert_ids,
+            num_post_pad,
+            p,
+            slots,
+            slots // block_m,
+            E_PAD=e_pad,
+            CHUNK=SMALL,
+            E=num_experts,
+            BLOCK_M=block_m,
+            num_warps=4,
+        )
+        return Alignment(sorted_ids, expert_ids, num_post_pad, block_m)
     scratch = torch.zeros(2 * e_pad + 1, dtype=torch.int32, device=dev)  # counts, cursors, slots used
     num_post_pad = scratch[2 * e_pad :]
     sorted_ids = torch.empty(slots, dtype=torch.int32, device=dev)

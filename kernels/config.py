@@ -18,6 +18,8 @@ class GemmTile:
     num_stages: int
     swap_ab: bool = False  # weights as the MMA's left operand: wgmma at few tokens per expert
     group_m: int = 8
+    split_k: int = 1  # K slices on separate programs (fp32 partials): more CTAs streaming at decode
+    dequant: str = "auto"  # W8A16 FP8 -> BF16 route: "fp32", "bits", "asm" (moe_gemm.resolve_dequant)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from mxconvert.kernels.config import GemmTile
 from mxconvert.layout import BLOCK, dequantize, unpack_scales
 
 MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
+DEQUANT = {"fp32": 0, "bits": 1, "asm": 2}  # W8A16 dequantization routes (_moe_gemm.py)
 FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
 
 
@@ -34,6 +35,7 @@ def moe_gemm(
 ) -> torch.Tensor:
     """C [P, N] BF16 = A[p // a_div] @ B[expert(p)]^T (* topk_weights[p]); no host synchronization.
     Rows of pairs that no block holds (ids outside [0, E)) are left unwritten: zeros with zero=True.
+    tile.split_k > 1: fp32 partial sums [split_k, P, N] instead, which the caller adds up.
 
     FP8 B bytes are E4M3FNUZ. fp8_format "fnuz" feeds them to the dot as they are (gfx942); "fn" reads
     them as E4M3FN, which doubles each value, and lowers every scale exponent by one (exact) to undo it.
@@ -51,15 +53,18 @@ def moe_gemm(
         )
     if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values()):
         raise MxconvertError("moe_gemm", "w8a8 without FP8 activations", "quantize A with quantize_mxfp8")
-    c = (torch.zeros if zero else torch.empty)(num_pairs, n, dtype=torch.bfloat16, device=a.device)
+    split = tile.split_k
+    shape, dtype = ((split, num_pairs, n), torch.float32) if split > 1 else ((num_pairs, n), torch.bfloat16)
+    c = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=a.device)
     if num_pairs == 0:
         return c
-    if mode != "bf16":
-        b = b.view(torch.uint8).view(FP8_VIEW[fp8_format])
+    dequant = resolve_dequant(tile.dequant, a.device) if mode == "w8a16" else "fp32"
+    if mode != "bf16":  # bit-placement dequantization reads the bytes as they are
+        b = b.view(torch.uint8) if dequant != "fp32" else b.view(torch.uint8).view(FP8_VIEW[fp8_format])
     if mode == "w8a8":
         a = a.view(torch.uint8).view(FP8_VIEW[fp8_format])
     bm = align.block_m
-    grid = (align.max_blocks * -(-n // tile.block_n),)
+    grid = (align.max_blocks * -(-n // tile.block_n), split)
     dummy = c
     _fused_moe_kernel[grid](
         a,
@@ -80,7 +85,7 @@ def moe_gemm(
         b.stride(1),
         b_scale.stride(0) if b_scale is not None else 0,
         b_scale.stride(1) if b_scale is not None else 0,
-        c.stride(0),
+        c.stride(-2),
         A_DIV=a_div,
         MODE=MODES[mode],
         SCALE_SHIFT=int(fp8_format == "fn"),
@@ -88,6 +93,8 @@ def moe_gemm(
         SWAP_AB=tile.swap_ab,
         UPCAST=a.device.type == "cpu",
         EVEN_K=k % tile.block_k == 0,
+        DEQUANT=DEQUANT[dequant],
+        SPLIT_K=split,
         BLOCK_M=bm,
         BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k,
@@ -96,6 +103,18 @@ def moe_gemm(
         num_stages=tile.num_stages,
     )
     return c
+
+
+def resolve_dequant(dequant: str, device: torch.device) -> str:
+    """'auto' -> the W8A16 dequantization route for the device: inline PTX on NVIDIA, bit placement in
+    plain Triton under the interpreter, the fp32 route elsewhere (gfx942: not measured)."""
+    if dequant != "auto":
+        if dequant not in DEQUANT:
+            raise MxconvertError("moe_gemm", f"dequant {dequant!r}", f"use one of {sorted(DEQUANT)} or 'auto'")
+        return "bits" if dequant == "asm" and device.type != "cuda" else dequant
+    if device.type == "cpu":
+        return "bits"
+    return "asm" if torch.version.hip is None else "fp32"
 
 
 def dequantized_weights(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:

@@ -86,9 +86,15 @@ def quantize_mxfp8_reference(x: torch.Tensor, *, fmt: str = "fn") -> tuple[torch
 
 
 def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str | None = None):
-    """GEMM1 output [M, 2I] BF16 -> BF16 [M, I], or with quantize="fn"/"fnuz" (FP8 [M, I], scales [M, I/32])."""
-    assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] % (2 * BLOCK) == 0, (x.shape, x.dtype)
-    m, i = x.shape[0], x.shape[1] // 2
+    """GEMM1 output [M, 2I] BF16 -> BF16 [M, I], or with quantize="fn"/"fnuz" (FP8 [M, I], scales [M, I/32]).
+    x may also be split-K partials, fp32 [S, M, 2I]: summed, rounded to BF16, then as above."""
+    split = x.shape[0] if x.dim() == 3 else 1
+    assert (x.dim() == 2 and x.dtype == torch.bfloat16) or (x.dim() == 3 and x.dtype == torch.float32), (
+        x.shape,
+        x.dtype,
+    )
+    assert x.shape[-1] % (2 * BLOCK) == 0 and x.stride(-1) == 1, (x.shape, x.stride())
+    m, i = x.shape[-2], x.shape[-1] // 2
     if quantize:
         out = torch.empty(m, i, dtype=FP8_FORMATS[quantize][0], device=x.device)
         s = torch.empty(m, i // BLOCK, dtype=torch.uint8, device=x.device)
@@ -103,7 +109,8 @@ def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str |
             s if quantize else out,
             m,
             i,
-            x.stride(0),
+            x.stride(0) if split > 1 else 0,
+            x.stride(-2),
             out.stride(0),
             s.stride(0) if quantize else 0,
             act.alpha,
@@ -113,6 +120,7 @@ def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str |
             BC=bc,
             QUANT=bool(quantize),
             INTERP=x.device.type == "cpu",
+            SPLIT=split,
             **_consts(quantize or "fn"),
             num_warps=4,
         )
@@ -120,7 +128,10 @@ def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str |
 
 
 def swiglu_oai_reference(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str | None = None):
-    """Pure-torch swiglu_oai, in fp32, rounded once to BF16 (then quantize_mxfp8_reference)."""
+    """Pure-torch swiglu_oai, in fp32, rounded once to BF16 (then quantize_mxfp8_reference); fp32 split-K
+    partials [S, M, 2I] are summed and rounded to BF16 first."""
+    if x.dim() == 3:
+        x = x.sum(0).to(torch.bfloat16)
     g, u = x.float().chunk(2, dim=-1)
     gate = g.clamp(max=act.limit)
     up = u.clamp(-act.limit, act.limit)

@@ -14,6 +14,9 @@ from mxconvert.kernels.align import align_routing, align_routing_reference, max_
         (1, 1, 1, 16, False),
         (7, 2, 4, 16, False),
         (33, 4, 128, 16, True),
+        (32, 4, 128, 16, True),  # 128 pairs: the one-launch kernel's largest batch
+        (8, 4, 128, 16, False),
+        (5, 4, 8, 64, True),
         (300, 8, 16, 64, True),
         (129, 3, 5, 32, False),
     ],
@@ -35,3 +38,18 @@ def test_align(t, k, e, bm, skew, device, gen):
             lo, hi = run.nonzero()[0].item() * bm, (run.nonzero()[-1].item() + 1) * bm
             assert sorted(got[lo:hi].tolist()) == sorted(ref_sorted[lo:hi].tolist())
         assert (ids.reshape(-1)[got[sl][got[sl] < p].long()] == ref_experts[b]).all()
+
+
+@pytest.mark.parametrize("t", [6, 50])  # one-launch and two-launch paths
+def test_align_places_id_e_nowhere(t, device, gen):
+    # id E marks a pair of an expert held elsewhere: counted nowhere, in no block
+    e, k, bm = 8, 3, 16
+    ids, _ = random_routing(t, k, e, gen)
+    ids[::2, 0] = e
+    a = align_routing(ids.to(device), num_experts=e, block_m=bm)
+    kept = ids.clone()
+    kept[kept == e] = -1
+    ref_sorted, ref_experts, used = align_routing_reference(kept, num_experts=e, block_m=bm)
+    assert int(a.num_post_pad) == used
+    got = a.sorted_ids.cpu()[:used]
+    assert sorted(got[got < t * k].tolist()) == sorted((kept.reshape(-1) >= 0).nonzero().flatten().tolist())

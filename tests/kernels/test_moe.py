@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_helpers import ON_GPU, random_fnuz_weights, random_routing, rel_err
 
-from mxconvert.kernels.config import fp8_format
+from mxconvert.kernels.config import GemmTile, MoeConfig, fp8_format
 from mxconvert.kernels.moe import (
     capture_cuda_graph,
     moe_experts_bf16,
@@ -51,6 +51,18 @@ def test_forward_small(t, k, e, skew, fmt, device, gen):
         pytest.skip("NVIDIA has no FNUZ dot: the GPU reads FNUZ bytes as E4M3FN")
     x, w, ids, fp8, wf = make(t, k, e, 96, 64, gen, device, skew)  # H 96, I 64: not multiples of 128
     check_all(x, w, ids, fp8, wf, fmt)
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_forward_split_k(mode, device, gen):
+    # GEMM1 split over K (fp32 partials summed in the SwiGLU kernel) gives the unsplit forward's result
+    x, w, ids, fp8, wf = make(3, 2, 4, 192, 64, gen, device)
+    split = MoeConfig(16, GemmTile(32, 64, 4, 1, split_k=3), GemmTile(32, 64, 4, 1))
+    out = moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=split)
+    q = fp8_format(x.device) if mode == "w8a8" else None
+    assert rel_err(out, moe_experts_reference(x, w, ids, **wf, quantize=q)) < (1e-2 if mode == "w8a16" else 2e-2)
+    plain = moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=MoeConfig(16, GemmTile(32, 64, 4, 1), split.gemm2))
+    assert rel_err(out, plain) < 1e-2  # the same up to fp32 summation order (one BF16 step at most)
 
 
 def test_forward_empty(device, gen):

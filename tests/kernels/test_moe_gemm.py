@@ -22,6 +22,7 @@ TILES = [GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1, swap_ab=True), GemmTile(
 
 
 def run(mode, fmt, tile, t, k, e, n, kdim, gen, device, *, gemm2, block_m=16, scale_lo=118, scale_hi=124):
+    """(out, float32 reference) of one GEMM; split-K partials come back summed in fp32."""
     ids, w = random_routing(t, k, e, gen)
     vals, scales = random_fnuz_weights(e, n, kdim, gen, scale_lo=scale_lo, scale_hi=scale_hi)
     wf = dequantized_weights(vals, scales)
@@ -52,6 +53,9 @@ def run(mode, fmt, tile, t, k, e, n, kdim, gen, device, *, gemm2, block_m=16, sc
         else:
             out = moe_gemm(a.to(device), vals.to(device), **kw)
     ref = moe_gemm_reference(a, ref_b, ids, a_div=1 if gemm2 else k, topk_weights=w if gemm2 else None)
+    if tile.split_k > 1:
+        assert out.shape == (tile.split_k, t * k, n) and out.dtype == torch.float32
+        out = out.sum(0)
     return out.cpu(), ref
 
 
@@ -68,14 +72,60 @@ def test_moe_gemm_modes(mode, fmt, tile, gemm2, device, gen):
     assert rel_err(out, ref) < 5e-3  # BF16 output rounding, fp32 accumulation
 
 
+@pytest.mark.parametrize("dequant", ["fp32", "bits", "asm"])
+@pytest.mark.parametrize("tile", TILES[:2], ids=["plain", "swap32"])
+def test_w8a16_dequant_routes(dequant, tile, device, gen):
+    # every FP8 -> BF16 route ("asm" is NVIDIA PTX; elsewhere it falls back to "bits"), both orientations
+    t = GemmTile(tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.swap_ab, dequant=dequant)
+    out, ref = run("w8a16", "fn", t, 7, 2, 3, 96, 160, gen, device, gemm2=False)
+    assert rel_err(out, ref) < 5e-3  # BF16 output rounding, fp32 accumulation
+
+
+def test_bit_placement_is_exact():
+    # the rule the "bits"/"asm" routes use, in torch: every byte but FNUZ NaN 0x80 gives its FNUZ value
+    b = torch.arange(256, dtype=torch.int32)
+    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 4)
+    placed = (bits << 16).view(torch.float32).double() * 2.0**119
+    fnuz = b.to(torch.uint8).view(torch.float8_e4m3fnuz).double()
+    ok = b != 0x80
+    assert torch.equal(placed[ok], fnuz[ok]) and placed[0x80] == 0
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8", "bf16"])
+@pytest.mark.parametrize("swap", [False, True])
+def test_split_k(split, mode, swap, device, gen):
+    # K 320 over 64-wide steps: uneven slices (3 steps of 64 + a tail) and an empty-ish last slice
+    tile = GemmTile(32, 64, 4, 1, swap_ab=swap, split_k=split)
+    out, ref = run(mode, "fn", tile, 5, 2, 3, 64, 320, gen, device, gemm2=False)
+    assert rel_err(out, ref) < 1e-4 if mode != "w8a8" else rel_err(out, ref) < 5e-3  # fp32 partials
+
+
 @pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
 @pytest.mark.parametrize("fmt", ["fn", "fnuz"])
+@pytest.mark.parametrize("dequant", ["fp32", "asm"])
 @pytest.mark.parametrize("lo,hi", [(1, 10), (100, 140), (200, 230)], ids=["tiny", "mid", "huge"])
-def test_e8m0_edge_bytes(mode, fmt, lo, hi, device, gen):
+def test_e8m0_edge_bytes(mode, fmt, dequant, lo, hi, device, gen):
     skip_fnuz(fmt)
-    # scale byte 1 is 2**-126 (byte 0 once "fn" lowers it: decoded as 0, a 2**-127 difference)
+    if mode == "w8a8" and dequant != "fp32":
+        pytest.skip("dequant routes are W8A16's")
+    # scale byte 1 is 2**-126 (byte 0 once "fn" lowers it: decoded as 0, a 2**-127 difference); the bit
+    # routes are exact from byte 2 (BF16 subnormal scales below byte 9); 100-140 straddles byte 135,
+    # where one BF16 scale could no longer hold 2**(byte - 8) (hence the constant 2**127 first)
     out, ref = run(
-        mode, fmt, GemmTile(32, 64, 4, 1), 5, 1, 2, 64, 128, gen, device, gemm2=False, scale_lo=lo, scale_hi=hi
+        mode,
+        fmt,
+        GemmTile(32, 64, 4, 1, dequant=dequant),
+        5,
+        1,
+        2,
+        64,
+        128,
+        gen,
+        device,
+        gemm2=False,
+        scale_lo=lo,
+        scale_hi=hi,
     )
     if lo == 1:  # BF16 output is subnormal or zero down there: compare in units of the largest scale
         assert (out.float() - ref).abs().max() <= ref.abs().max() * 2e-2 + 2.0**-120
