@@ -4,10 +4,11 @@ Tensor bytes are read with pread into our own buffers rather than through safete
 pages count towards the process's resident memory, which would then grow with the shards' size.
 """
 
+import fnmatch
 import hashlib
-import json
 import os
 import re
+import stat
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -15,29 +16,43 @@ from pathlib import Path
 
 import torch
 
-from .errors import MxconvertError, read_json
+from . import format as fmt
+from .errors import MxconvertError, check_regular, parse_json, plain_name
 from .layout import BLOCK
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# dtype -> bytes per element: the byte-sized dtypes safetensors reads; anything else is refused by name
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
     "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
+MAX_HEADER = 100_000_000  # safetensors' own limit on a header's length
 
 # Routed experts, one row per naming the FORMAT accepts: MiniMax w1/w3/w2, HF gate/up/down_proj;
-# scales `weight_scale_inv` (MiniMax) or `weight_scale` (compressed-tensors).
+# scales `weight_scale_inv` (MiniMax) or `weight_scale` (compressed-tensors). Indices are ASCII digits
+# without leading zeros, so that no two names mean the same expert.
 EXPERT_NAME = re.compile(
-    r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\."
-    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<kind>weight|weight_scale_inv|weight_scale)$"
+    r"^(?P<prefix>.+\.experts)\.(?P<expert>0|[1-9][0-9]*)\."
+    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<kind>weight|weight_scale_inv|weight_scale)$",
+    re.ASCII,
 )
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; "./x", "../x" are paths
+UNDER_EXPERTS = re.compile(r"(^|\.)experts\.")  # a name that must parse as EXPERT_NAME
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)  # owner/name; "./x", "../x" are paths
 PROJECTION = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 MXFP8_METHODS = ("mxfp8", "compressed-tensors")
 MXFP8_WEIGHTS = {"num_bits": 8, "type": "float", "group_size": BLOCK}  # compressed-tensors' MXFP8 weights
 CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_local_experts", "num_hidden_layers")
 ALIGNED_SIZES = ("hidden_size", "intermediate_size")
+# Files copied unchanged beside the weights (tokenizer, templates, remote code, licence).
+SIDE_FILES = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken",
+    "chat_template*", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json", "*.py", "LICENSE*",
+)  # fmt: skip
+NOT_SIDE_FILES = ("config.json", fmt.INDEX_NAME, SINGLE_NAME, fmt.CARD_NAME)
+REDOWNLOAD = "Re-download the checkpoint"
+LINK_FIX = "Replace the link with the file itself, or remove it: mxconvert reads nothing outside MODEL_DIR"
 
 
 @dataclass(frozen=True)
@@ -58,50 +73,54 @@ class ExpertGroup:
     experts: dict[int, dict[str, tuple[TensorInfo | None, TensorInfo | None]]] = field(default_factory=dict)
 
 
-def read_header(path: Path) -> tuple[dict, int, bytes]:
-    """A safetensors header: (tensor entries, data start offset, raw header bytes)."""
+def read_header(path: Path, *, subject=None, fix: str = "Re-download this file") -> tuple[dict, int, bytes]:
+    """A safetensors header, parsed strictly and checked as safetensors would: (tensor entries, data
+    start offset, raw header bytes). `path` is opened; errors name `subject` (the path by default)."""
+    subject = path if subject is None else subject
+    size_on_disk = check_regular(path, subject, fix=fix).st_size
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise MxconvertError(path, "file is shorter than a safetensors header", "Re-download it")
+                raise MxconvertError(subject, "file is shorter than a safetensors header", fix)
             (size,) = struct.unpack("<Q", head)
-            if size > 100_000_000 or size > os.path.getsize(path) - 8:
-                raise MxconvertError(
-                    path, f"header length {size} is corrupt or the file is truncated", "Re-download this file"
-                )
+            if size > MAX_HEADER or size > size_on_disk - 8:
+                raise MxconvertError(subject, f"header length {size} is corrupt or the file is truncated", fix)
             raw = f.read(size)
-        header = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise MxconvertError(path, f"cannot read the safetensors header ({e})", "Re-download this file") from e
+    except OSError as e:
+        raise MxconvertError(subject, f"cannot read the safetensors header ({e.strerror})", fix) from None
+    header = parse_json(raw, subject, fix=fix, what="safetensors header is")
     if not isinstance(header, dict):
-        raise MxconvertError(path, "safetensors header is not a JSON object", "Re-download this file")
+        raise MxconvertError(subject, "safetensors header is not a JSON object", fix)
     header.pop("__metadata__", None)
-    _check_layout(path, header, os.path.getsize(path) - 8 - size)
+    _check_layout(subject, header, size_on_disk - 8 - size, fix)
     return header, 8 + size, raw
 
 
 def _entry_ok(entry) -> bool:
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         return False
     ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
     offsets = entry.get("data_offsets")
     return isinstance(entry.get("dtype"), str) and ints(entry.get("shape")) and ints(offsets) and len(offsets) == 2
 
 
-def _check_layout(path: Path, header: dict, data_size: int) -> None:
-    """Each entry is well-formed, its bytes lie in the file, no two overlap, and sizes match dtype and shape."""
+def _check_layout(path, header: dict, data_size: int, fix: str) -> None:
+    """Each entry is well-formed with a dtype safetensors reads, sizes match dtype and shape, and the
+    tensors tile the data exactly (no overlap, no gap, nothing after the last): what safetensors checks."""
     for name, entry in header.items():
         if not _entry_ok(entry):
-            problem = f"header entry {name} is corrupt (needs dtype, shape and two data_offsets)"
-            raise MxconvertError(path, problem, "Re-download this file")
+            problem = f"header entry {name} is corrupt (needs dtype, shape and two data_offsets, nothing else)"
+            raise MxconvertError(path, problem, fix)
+        if entry["dtype"] not in DTYPE_BYTES:
+            problem = f"header gives tensor {name} dtype {entry['dtype']!r}, which is not a safetensors dtype"
+            raise MxconvertError(path, f"{problem} mxconvert can read ({', '.join(DTYPE_BYTES)})", fix)
     previous, end = None, 0
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
         begin, stop = entry["data_offsets"]
         count, shape = 1, entry["shape"]
         for d in shape:
             count *= d
-        itemsize = DTYPE_BYTES.get(entry["dtype"])  # a dtype we do not know is passed through unchecked
         if stop < begin:
             problem = f"header is corrupt: tensor {name} has data_offsets [{begin}, {stop}) that run backwards"
         elif stop > data_size:
@@ -109,44 +128,125 @@ def _check_layout(path: Path, header: dict, data_size: int) -> None:
             problem += f", the file holds {data_size}"
         elif begin < end:
             problem = f"header is corrupt: tensor {name} at [{begin}, {stop}) overlaps {previous} (ends at {end})"
-        elif itemsize and stop - begin != count * itemsize:
+        elif begin > end:
+            problem = f"header is corrupt: a gap of {begin - end} bytes lies before tensor {name}"
+        elif stop - begin != count * DTYPE_BYTES[entry["dtype"]]:
             problem = f"header is corrupt: tensor {name} has {stop - begin} bytes, not {entry['dtype']} {shape}"
         else:
             previous, end = name, stop
             continue
-        raise MxconvertError(path, problem, "Re-download this file")
+        raise MxconvertError(path, problem, fix)
+    if end != data_size:
+        raise MxconvertError(path, f"has {data_size - end} bytes after its last tensor (corrupt or extended)", fix)
+
+
+def moe_layers(text_config: dict) -> list[int] | None:
+    """The decoder layers config.json declares MoE (mlp_layer_types, moe_layer_freq, or
+    first_k_dense_replace), or None where it declares none of these."""
+    n = text_config["num_hidden_layers"]
+    types, freq, first = (text_config.get(k) for k in ("mlp_layer_types", "moe_layer_freq", "first_k_dense_replace"))
+    if isinstance(types, list) and len(types) == n:
+        return [i for i, t in enumerate(types) if t == "sparse"]
+    if isinstance(freq, list) and len(freq) == n:
+        return [i for i, f in enumerate(freq) if f == 1]
+    if type(first) is int and 0 <= first <= n:
+        return list(range(first, n))
+    return None
 
 
 class SourceCheckpoint:
-    """A local MXFP8 checkpoint directory: config, tensors by name, and their raw bytes."""
+    """A local MXFP8 checkpoint directory, read once and strictly: config, index, shard headers, side
+    files and card, the expert name table, and raw tensor bytes on demand.
+
+    Files may be links (a Hugging Face cache snapshot links into its own `blobs/`), but a link that
+    leaves the directory (or that cache) is refused by name, and only regular files are read.
+    """
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             problem = "is not a directory" if self.dir.exists() else "does not exist"
             raise MxconvertError(self.dir, problem, "Pass a checkpoint directory or a Hub repo id")
-        self.config = self._load_json(self.dir / "config.json")
+        root = self.dir.resolve()
+        blobs = root.parent.parent / "blobs"  # a Hub cache snapshot: models--org--name/snapshots/<rev>/
+        self._roots = (root, blobs) if root.parent.name == "snapshots" and blobs.is_dir() else (root,)
+        self.real: dict[Path, Path] = {}  # each input as named -> the file it really is
+        self.config_bytes = self._read_small(
+            "config.json", missing_fix="Pass the directory of a Hugging Face checkpoint"
+        )
+        self.config = parse_json(self.config_bytes, self.dir / "config.json", fix="Re-download it")
+        if not isinstance(self.config, dict):
+            raise MxconvertError(self.dir / "config.json", "is not a JSON object", "Re-download it")
         self.text_config = self.config.get("text_config", self.config)
         self.quant_config = self._check_config()
+        self.index_bytes = self._read_small(fmt.INDEX_NAME) if self._exists(fmt.INDEX_NAME) else None
         self.shards = self._shard_files()
         self.header_sha256: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
-            header, start, raw = read_header(shard)
+            header, start, raw = read_header(self.real[shard], subject=shard)
             self.header_sha256[shard.name] = hashlib.sha256(raw).hexdigest()
             for name, entry in header.items():
+                if name in self.tensors:
+                    raise MxconvertError(
+                        name, f"is in both {self.tensors[name].file.name} and {shard.name}", REDOWNLOAD
+                    )
                 begin, end = entry["data_offsets"]
                 self.tensors[name] = TensorInfo(
                     name, shard, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin
                 )
         self._check_index()
+        if not self.tensors:
+            raise MxconvertError(self.shards[0] if len(self.shards) == 1 else self.dir / fmt.INDEX_NAME,
+                                 "holds no tensors", REDOWNLOAD)  # fmt: skip
         self.groups = self._expert_groups()
+        self._check_moe_layers()
+        self.side_files = {name: self._read_small(name) for name in self._side_file_names()}
+        self.card = self._read_small(fmt.CARD_NAME) if self._exists(fmt.CARD_NAME) else None
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()  # reads come from several threads
 
-    def _load_json(self, path: Path) -> dict:
-        return read_json(path, fix="Re-download it", missing_fix="Pass the directory of a Hugging Face checkpoint")
+    # Opening inputs -----------------------------------------------------------------------------------
 
+    def _exists(self, name: str) -> bool:
+        return os.path.lexists(self.dir / name)
+
+    def _input(self, name: str, *, missing_fix: str = REDOWNLOAD) -> Path:
+        """The real path of input `name`: a regular file inside the source (or its Hub cache blobs)."""
+        path = self.dir / name
+        if not os.path.lexists(path):
+            raise MxconvertError(path, "is missing", missing_fix)
+        real = path.resolve()
+        if os.path.islink(path) and not any(real == r or r in real.parents for r in self._roots):
+            raise MxconvertError(path, f"is a link to {real}, outside the source directory", LINK_FIX)
+        check_regular(real, path, fix=REDOWNLOAD)
+        self.real[path] = real
+        return real
+
+    def _read_small(self, name: str, *, missing_fix: str = REDOWNLOAD) -> bytes:
+        real = self._input(name, missing_fix=missing_fix)
+        try:
+            return real.read_bytes()
+        except OSError as e:
+            raise MxconvertError(self.dir / name, f"cannot be read ({e.strerror})", REDOWNLOAD) from None
+
+    def _side_file_names(self) -> list[str]:
+        """Tokenizer, templates, code and licence files beside the weights; directories are not copied."""
+        names = []
+        for path in sorted(self.dir.iterdir()):
+            name = path.name
+            if name in NOT_SIDE_FILES or not any(fnmatch.fnmatchcase(name, pat) for pat in SIDE_FILES):
+                continue
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+            names.append(name)
+        return names
+
+    def input_paths(self) -> list[Path]:
+        """Every file this source reads, as it really is (links resolved): OUT_DIR must hold none."""
+        return sorted(set(self.real.values()))
+
+    # Checking what was read ---------------------------------------------------------------------------
     def _check_config(self) -> dict:
         """The sizes the plan relies on (32-aligned where MXFP8 needs it), and MXFP8 quantization: returns
         the quantization_config."""
@@ -160,6 +260,10 @@ class SourceCheckpoint:
                 raise MxconvertError(path, f"{where}{key} is {value!r}, not a positive integer", fix)
             if key in ALIGNED_SIZES and value % BLOCK:
                 raise MxconvertError(path, f"{where}{key} {value} is not a multiple of {BLOCK} (the MXFP8 block)", fix)
+        for key in ("swiglu_alpha", "swiglu_beta", "swiglu_limit"):
+            value = self.text_config.get(key)
+            if value is not None and (type(value) not in (int, float)):
+                raise MxconvertError(path, f"{where}{key} is {value!r}, not a number", fix)
         quant = self.config.get("quantization_config") or self.text_config.get("quantization_config")
         quant = quant if isinstance(quant, dict) else {}
         method = quant.get("quant_method")
@@ -184,57 +288,108 @@ class SourceCheckpoint:
                 )  # fmt: skip
         return quant
 
+    def _weight_map(self) -> dict[str, str] | None:
+        if self.index_bytes is None:
+            return None
+        path = self.dir / fmt.INDEX_NAME
+        index = parse_json(self.index_bytes, path, fix="Re-download it")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MxconvertError(path, "weight_map is not a map of tensor names to shard files", "Re-download it")
+        if not weight_map:
+            raise MxconvertError(path, "weight_map is empty: the checkpoint names no tensors", REDOWNLOAD)
+        for shard in set(weight_map.values()):
+            plain_name(shard, path, fix=REDOWNLOAD, what="shard")
+        return weight_map
+
     def _shard_files(self) -> list[Path]:
-        if (self.dir / INDEX_NAME).is_file():
-            weight_map = self._load_json(self.dir / INDEX_NAME).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise MxconvertError(
-                    self.dir / INDEX_NAME, "weight_map is not a map of tensor names to shard files", "Re-download it"
-                )
-            shards = [self.dir / name for name in sorted(set(weight_map.values()))]
-        elif (self.dir / SINGLE_NAME).is_file():
-            shards = [self.dir / SINGLE_NAME]
+        weight_map = self._weight_map()
+        if weight_map is not None:
+            names = sorted(set(weight_map.values()))
+        elif self._exists(SINGLE_NAME):
+            names = [SINGLE_NAME]
         else:
             raise MxconvertError(
-                self.dir, f"has neither {INDEX_NAME} nor {SINGLE_NAME}", "Pass a safetensors checkpoint"
+                self.dir, f"has neither {fmt.INDEX_NAME} nor {SINGLE_NAME}", "Pass a safetensors checkpoint"
             )
-        for shard in shards:
-            if not shard.is_file():
-                raise MxconvertError(shard, f"is named in {INDEX_NAME} but missing", "Re-download the checkpoint")
-        return shards
+        for name in names:
+            if not self._exists(name):
+                raise MxconvertError(self.dir / name, f"is named in {fmt.INDEX_NAME} but missing", REDOWNLOAD)
+            self._input(name)
+        return [self.dir / name for name in names]
 
     def _check_index(self) -> None:
         """The index names every tensor of every shard, each in the shard that holds it."""
-        if not (self.dir / INDEX_NAME).is_file():
+        weight_map = self._weight_map()
+        if weight_map is None:
             return
-        weight_map = self._load_json(self.dir / INDEX_NAME).get("weight_map", {})
         for name, shard in weight_map.items():
             info = self.tensors.get(name)
             if info is None or info.file.name != shard:
-                raise MxconvertError(name, f"is in {INDEX_NAME} under {shard} but not in that shard",
+                raise MxconvertError(name, f"is in {fmt.INDEX_NAME} under {shard} but not in that shard",
                                      "Re-download the checkpoint (index and shards differ)")  # fmt: skip
         for name, info in self.tensors.items():
             if name not in weight_map:
-                raise MxconvertError(name, f"is in {info.file.name} but not in {INDEX_NAME}",
+                raise MxconvertError(name, f"is in {info.file.name} but not in {fmt.INDEX_NAME}",
                                      "Re-download the checkpoint (index and shards differ)")  # fmt: skip
 
     def _expert_groups(self) -> dict[str, ExpertGroup]:
+        """Every routed expert tensor, parsed strictly; a name under `experts.` that does not parse, or two
+        names for one expert's tensor, is refused (it would pass through unconverted, or replace another)."""
         groups: dict[str, ExpertGroup] = {}
-        for name in self.tensors:
+        for name, info in self.tensors.items():
             m = EXPERT_NAME.match(name)
             if not m:
+                if UNDER_EXPERTS.search(name):
+                    raise MxconvertError(
+                        name, "lies under `experts.` but is not a routed expert tensor "
+                        "(<prefix>.experts.<index>.<w1|w2|w3|gate_proj|up_proj|down_proj>.<weight|weight_scale_inv|"
+                        "weight_scale>, index without leading zeros)", "Rename or remove it: it would not be converted",
+                    )  # fmt: skip
                 continue
             group = groups.setdefault(m["prefix"], ExpertGroup(m["prefix"]))
             slot = group.experts.setdefault(int(m["expert"]), {})
-            weight, scale = slot.get(PROJECTION[m["proj"]], (None, None))
-            info = self.tensors[name]
-            slot[PROJECTION[m["proj"]]] = (info, scale) if m["kind"] == "weight" else (weight, info)
+            proj, is_weight = PROJECTION[m["proj"]], m["kind"] == "weight"
+            weight, scale = slot.get(proj, (None, None))
+            if (weight if is_weight else scale) is not None:
+                other = (weight if is_weight else scale).name
+                raise MxconvertError(name, f"and {other} are the same expert tensor under two names", REDOWNLOAD)
+            slot[proj] = (info, scale) if is_weight else (weight, info)
         return groups
+
+    def _check_moe_layers(self) -> None:
+        """Every decoder layer config.json declares MoE has its routed experts in the checkpoint."""
+        path = self.dir / "config.json"
+        declared = moe_layers(self.text_config)
+        found = {}
+        for prefix in self.groups:
+            m = fmt.DECODER_GROUP.match(prefix)
+            if m:
+                found.setdefault(int(m["layer"]), prefix)
+        if declared is None:
+            if not self.groups:
+                raise MxconvertError(self.dir, "holds no routed experts (no tensor named <prefix>.experts.<e>.w1.weight)",
+                                     "Pass the MiniMax-M3 MXFP8 checkpoint")  # fmt: skip
+            return
+        if not declared:
+            raise MxconvertError(path, "declares no MoE layer (mlp_layer_types / moe_layer_freq)",
+                                 "Pass a MiniMax-M3 MXFP8 checkpoint (its config.json unchanged)")  # fmt: skip
+        missing = [layer for layer in declared if layer not in found]
+        if missing:
+            more = f" (and {len(missing) - 1} more MoE layers)" if len(missing) > 1 else ""
+            raise MxconvertError(
+                f"layer {missing[0]}", f"is a MoE layer in config.json but the checkpoint has no routed experts for it"
+                f"{more}", "Re-download the checkpoint; every MoE layer needs <prefix>.layers.<L>.<mlp>.experts.<e>.*",
+            )  # fmt: skip
+        extra = sorted(layer for layer in found if layer not in declared)
+        if extra:
+            raise MxconvertError(found[extra[0]], f"has routed experts but config.json says layer {extra[0]} is dense",
+                                 "Re-download the checkpoint (config and weights differ)")  # fmt: skip
 
     def _fd(self, path: Path) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                self._fds[path] = os.open(self.real[path], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             return self._fds[path]
 
     def read(
@@ -260,6 +415,22 @@ class SourceCheckpoint:
         data = self.read(info, out=out)
         return data.view(info.shape) if DTYPE_BYTES[info.dtype] == 1 else data
 
+    def fingerprint(self) -> list[dict]:
+        """What identifies the input, cheaply: each weight file's size and header sha256 (no tensor bytes),
+        and the sha256 of config.json, the index, the card and each side file (as read, once)."""
+        files = [
+            {"name": s.name, "size": os.stat(self.real[s]).st_size, "header_sha256": self.header_sha256[s.name]}
+            for s in self.shards
+        ]
+        small = {"config.json": self.config_bytes, fmt.INDEX_NAME: self.index_bytes, fmt.CARD_NAME: self.card}
+        small |= self.side_files
+        files += [
+            {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in sorted(small.items())
+            if data is not None
+        ]
+        return files
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -269,28 +440,61 @@ class SourceCheckpoint:
 def resolve_model_dir(model_dir: str | Path, *, allow_patterns: tuple[str, ...]) -> tuple[Path, dict]:
     """A local directory, or a Hub repo id fetched into the Hugging Face cache (only the files needed).
 
-    Returns the directory and what identifies the source: {"path"} or {"repo_id", "revision"}.
+    Returns the directory and what identifies the source without a local path (it goes into the
+    manifest and the card): {"name"} of a local directory, or {"repo_id", "revision"}.
     """
     local = Path(model_dir).expanduser()
     if local.exists() or not REPO_ID.fullmatch(str(model_dir)):
-        return local, {"path": str(local.resolve())}
-    from huggingface_hub import snapshot_download  # network only when a repo id is given
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+        return local, {"name": local.resolve().name}
+    from huggingface_hub import constants, snapshot_download  # network only when a repo id is given
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    neither = "is neither a local directory nor"
     try:
         path = Path(snapshot_download(str(model_dir), allow_patterns=list(allow_patterns)))
     except LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise MxconvertError(
+                model_dir, f"{neither} a checkpoint in the Hugging Face cache, and HF_HUB_OFFLINE is set",
+                "Check the path, or unset HF_HUB_OFFLINE to download it",
+            ) from None  # fmt: skip
         raise MxconvertError(
-            model_dir,
-            "is not a local directory and cannot be fetched from the Hub offline",
-            "Unset HF_HUB_OFFLINE, or download it first, or pass a local path",
-        ) from e
+            model_dir, f"{neither} reachable on the Hub (the Hub cannot be reached: {_cause(e)})",
+            "Check the path, or the network (and HF_ENDPOINT)",
+        ) from None  # fmt: skip
+    except GatedRepoError:
+        raise MxconvertError(
+            model_dir, "is a gated repo and this token has no access to it",
+            "Accept its terms on the Hub with your account, then pass a token (HF_TOKEN or `hf auth login`)",
+        ) from None  # fmt: skip
+    except RevisionNotFoundError:
+        raise MxconvertError(
+            model_dir, "the revision asked for does not exist on the Hub", "Check the revision"
+        ) from None
+    except RepositoryNotFoundError:
+        raise MxconvertError(
+            model_dir, f"{neither} a Hub repo visible to this token",
+            "Check the path or the repo id (a private repo needs HF_TOKEN or `hf auth login`)",
+        ) from None  # fmt: skip
     except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
         raise MxconvertError(
-            model_dir,
-            f"cannot be fetched from the Hub ({e.__class__.__name__})",
-            "Check the repo id, your network and HF_TOKEN",
-        ) from e
-    except HFValidationError as e:
-        raise MxconvertError(model_dir, "is neither a local directory nor a Hub repo id", "Check the path") from e
+            model_dir, f"cannot be fetched from the Hub ({type(e).__name__}{f', {status}' if status else ''})",
+            "Check the repo id, your network and HF_TOKEN, then run again",
+        ) from None  # fmt: skip
+    except HFValidationError:
+        raise MxconvertError(model_dir, f"{neither} a Hub repo id", "Check the path") from None
     return path, {"repo_id": str(model_dir), "revision": path.name}
+
+
+def _cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return type(error).__name__

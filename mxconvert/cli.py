@@ -211,12 +211,17 @@ def convert(**kwargs):
 @click.option("--quick", is_flag=True, help="Sizes, headers, index and format only; skip the sha256 of every file.")
 def verify(out_dir, source, quick):
     """Check OUT_DIR against its manifest and the format (and the source, bit for bit)."""
-    from .manifest import verify as run_verify
+    from .verify import verify as run_verify
 
     if not Path(out_dir).exists():  # before the manifest check, which would call it unfinished
         raise click.ClickException(str(MxconvertError(out_dir, "does not exist", "Pass the OUT_DIR of a conversion")))
     manifest = _run(
-        run_verify, out_dir=out_dir, source=source, full=not quick, interrupted="Interrupted: the check did not finish."
+        run_verify,
+        out_dir=out_dir,
+        source=source,
+        full=not quick,
+        progress=True,
+        interrupted="Interrupted: the check did not finish.",
     )
     checked = "sizes, headers" if quick else "sizes, sha256"
     click.echo(

@@ -5,10 +5,8 @@ stream every tensor into its shard (recording each finished one) -> config, inde
 manifest last -> verify (cheap part).
 """
 
-import ctypes
-import fnmatch
-import json
-import os
+import hashlib
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,20 +16,15 @@ from tqdm.auto import tqdm
 from . import __version__, outdir
 from . import format as fmt
 from .card import write_model_card
-from .checkpoint import SINGLE_NAME, SourceCheckpoint, resolve_model_dir
+from .checkpoint import SIDE_FILES, SourceCheckpoint, resolve_model_dir
 from .errors import MxconvertError, OptionError
-from .manifest import sha256_file, verify, write_manifest
-from .outdir import Record
+from .manifest import sha256_file, write_manifest
+from .outputs import output_names, small_files
 from .plan import Plan, Shard, make_plan, parse_size
-from .stream import check_scales, copy_tensor, write_group
-from .writer import PARTIAL, ShardSet, ShardWriter, crash_point, safetensors_header, write_atomic, write_json_atomic
+from .stream import WORKERS, check_scales, stream_shards
+from .verify import check_files, check_structure, verify
+from .writer import crash_point, safetensors_header, write_atomic
 
-SIDE_FILES = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken",
-    "chat_template*", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-    "video_preprocessor_config.json", "*.py", "LICENSE*",
-)  # fmt: skip
-WORKERS = max(1, min(4, os.cpu_count() or 1))  # expert threads
 SOURCE_FILES = ("config.json", fmt.INDEX_NAME, "*.safetensors", "README.md", *SIDE_FILES)  # what a Hub fetch needs
 SMALL_FILES = 4 * 2**20  # disk allowance for config, index, card, manifest and record (each well under it)
 
@@ -56,6 +49,7 @@ def convert(
 
     resume: go on with an interrupted conversion in OUT_DIR (same input and options), keeping its
     finished shards; plan.kept names them, plan.complete says OUT_DIR was finished already.
+    force: replace an earlier conversion in OUT_DIR (only files its manifest or record names).
     push_to_hub: a Hub repo id to upload the verified result to (mxconvert.hub.push, with its defaults).
     """
     shard_bytes = _check_options(bf16, device, bf16_max_tokens, bf16_min_tokens, max_shard_size, force, resume)
@@ -67,28 +61,36 @@ def convert(
         max_shard_size=max_shard_size,
     )
     local_dir, source_id = resolve_model_dir(model_dir, allow_patterns=SOURCE_FILES)
-    outdir.check_paths(Path(out_dir), local_dir)
-    source = SourceCheckpoint(local_dir)
+    source = SourceCheckpoint(local_dir)  # every input read and checked once, here
     try:
+        outdir.check_paths(Path(out_dir), local_dir, source.input_paths())
         plan = make_plan(source, long_context=long_context, bf16=bf16, max_shard_size=shard_bytes)
         if dry_run:
             print(describe(plan, source))
             return plan
-        ident = outdir.identity(options=options, source=source, plan=plan)
-        state = outdir.inspect(Path(out_dir), local_dir, force=force, resume=resume, ident=ident, workers=WORKERS)
-        plan.kept, plan.complete = sorted(state.kept), state.complete
-        if state.complete:  # --resume on a finished conversion of the same input and options
-            verify(out_dir=state.path, full=False)
-            for path in state.stale:  # a record left by a run killed just after its manifest
-                path.unlink(missing_ok=True)
-        else:
-            _write(state, ident, source, source_id, plan, options, model_dir, device=device, progress=progress)
+        with outdir.locked(Path(out_dir)) as out:
+            ident = outdir.identity(
+                options=options, fingerprint=source.fingerprint(), shards={s.name: s.nbytes for s in plan.shards},
+                outputs=output_names(source, plan),
+            )  # fmt: skip
+            state = outdir.inspect(out, local_dir, force=force, resume=resume, ident=ident, workers=WORKERS)
+            plan.kept, plan.complete = sorted(state.kept), state.complete
+            if state.complete:  # --resume on a finished conversion of the same input and options
+                for path in state.doomed:  # a record left by a run killed just after its manifest
+                    path.unlink(missing_ok=True)
+                verify(out_dir=out, full=False)
+            else:
+                if force and state.doomed:
+                    size = outdir.human(sum(p.stat().st_size for p in state.doomed))
+                    print(f"Replacing the conversion in {out}: deleting its {len(state.doomed)} files ({size}).",
+                          file=sys.stderr)  # fmt: skip
+                _write(state, ident, source, source_id, plan, options, device=device, progress=progress)
     finally:
         source.close()
     if push_to_hub:
         from .hub import push  # huggingface_hub's upload machinery only when asked for
 
-        push(out_dir=state.path, repo_id=push_to_hub)
+        push(out_dir=Path(out_dir), repo_id=push_to_hub)
     return plan
 
 
@@ -99,28 +101,42 @@ def _write(
     source_id: dict,
     plan: Plan,
     options: dict,
-    model_dir: str,
     *,
     device: str,
     progress: bool,
 ) -> None:
-    """Check, then write the shards not kept (recording each), the small files, and the manifest last."""
+    """Check, then write the shards not kept (recording each), the small files, check the whole, and
+    write the manifest last: nothing that can fail comes after it."""
     todo = [shard for shard in plan.shards if shard.name not in state.kept]
     _check_before_writing(source, plan, todo, state, progress=progress)
     record = state.open(ident)
     crash_point("start")
     out = state.path
+
+    def finished(name: str, size: int, sha256: str) -> None:
+        record.finished(name, size, sha256)
+        crash_point("shard")
+
     hashes = {name: f["sha256"] for name, f in state.kept.items()}
-    hashes |= _write_shards(source, plan, out, todo, record=record, device=device, progress=progress)
-    for name in _write_small_files(out, source, source_id, plan, options, model_dir):
-        hashes[name] = sha256_file(out / name)
-    write_manifest(out, options=options, source=source, source_id=source_id, files=hashes)
+    hashes |= stream_shards(source, plan, out, todo, on_finished=finished, device=device, progress=progress)
+    for name, data in small_files(source, plan, options).items():
+        write_atomic(out / name, data)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    card = write_model_card(
+        out_dir=out,
+        source=source_id.get("repo_id") or source_id["name"],
+        source_repo_id=source_id.get("repo_id"),
+        source_revision=source_id.get("revision"),
+        source_card=source.real.get(source.dir / fmt.CARD_NAME),
+        options=options,
+        version=__version__,
+        source_files=source.fingerprint(),
+    )
+    hashes[card.name] = sha256_file(card)
+    check_files(out, {name: {"size": (out / name).stat().st_size} for name in hashes}, ignore=(outdir.RECORD_NAME,))
+    check_structure(out, set(hashes))
+    write_manifest(out, options=options, fingerprint=source.fingerprint(), source_id=source_id, files=hashes)
     record.remove()
-    try:
-        verify(out_dir=out, full=False)
-    except MxconvertError:
-        (out / fmt.MANIFEST_NAME).unlink()  # never leave a broken output that looks finished
-        raise
 
 
 def _check_options(bf16, device, bf16_max_tokens, bf16_min_tokens, max_shard_size, force, resume) -> int:
@@ -154,133 +170,12 @@ def _check_before_writing(
     total = sum(scale.nbytes for g in groups for slot in g.source.experts.values() for _, scale in slot.values())
     with (
         ThreadPoolExecutor(WORKERS) as pool,
-        tqdm(total=total, unit="B", unit_scale=True, desc="checking scales", disable=not progress) as bar,
+        tqdm(total=total, unit="B", unit_scale=True, desc="checking scales", disable=None if progress else True) as bar,
     ):
         check_scales(source, groups, pool=pool, on_bytes=bar.update)
-    side = sum(path.stat().st_size for path in _side_files(source.dir))
+    side = sum(len(data) for data in source.side_files.values())
     shards = sum(len(safetensors_header(shard.tensors)[0]) + shard.nbytes for shard in todo)
     outdir.check_free_space(state, needed=shards + side + SMALL_FILES)
-
-
-def _write_small_files(
-    out: Path, source: SourceCheckpoint, source_id: dict, plan: Plan, options: dict, model_dir: str
-) -> list[str]:
-    """config.json, the index, the side files and the card, after the shards; returns their names."""
-    local_dir = source.dir
-    config = json.loads((local_dir / "config.json").read_text())
-    _replace_quant_config(config, plan, source, options)
-    write_json_atomic(out / "config.json", config)
-    weight_map = {t.name: shard.name for shard in plan.shards for t in shard.tensors}
-    write_json_atomic(
-        out / fmt.INDEX_NAME,
-        {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))},
-    )
-    side = _side_files(local_dir)
-    for path in side:
-        write_atomic(out / path.name, path.read_bytes())
-    card = write_model_card(
-        out_dir=out,
-        source=str(model_dir),
-        source_repo_id=source_id.get("repo_id"),
-        source_revision=source_id.get("revision"),
-        source_card=local_dir / fmt.CARD_NAME if (local_dir / fmt.CARD_NAME).is_file() else None,
-        options=options,
-        version=__version__,
-    )
-    return ["config.json", fmt.INDEX_NAME, *(path.name for path in side), card.name]
-
-
-def _write_shards(
-    source: SourceCheckpoint, plan: Plan, out: Path, todo: list[Shard], *, record: Record, device: str, progress: bool
-) -> dict[str, str]:
-    """Stream every tensor of the `todo` shards into place; returns each shard's sha256.
-
-    Experts convert on WORKERS threads; a full shard is flushed, renamed and recorded on one more, so
-    the workers never wait on the disk. Shards are hashed as they are written (ShardWriter).
-    """
-    wanted = {t.name for shard in todo for t in shard.tensors}
-    kinds: dict[str, set[str]] = {}  # expert group -> its tensors to write
-    for t in plan.tensors:
-        if t.group is not None and t.name in wanted:
-            kinds.setdefault(t.group.prefix, set()).add(t.kind)
-
-    def finish(writer: ShardWriter) -> tuple[str, str]:
-        name, sha256 = writer.finish()
-        record.finished(name, writer.size, sha256)
-        crash_point("shard")
-        return name, sha256
-
-    hashes, threads = {}, torch.get_num_threads()
-    torch.set_num_threads(1)  # parallel over experts instead: no oversubscription of small ops
-    with (
-        ThreadPoolExecutor(WORKERS) as pool,
-        ThreadPoolExecutor(1) as finisher,
-        tqdm(
-            total=sum(s.nbytes for s in todo), unit="B", unit_scale=True, desc="converting", disable=not progress
-        ) as bar,
-    ):
-        finishing = []
-        sink = ShardSet(out, plan, on_full=lambda w: finishing.append(finisher.submit(finish, w)), on_bytes=bar.update)
-        try:
-            for t in plan.tensors:
-                if t.name not in wanted:
-                    continue
-                if t.source is not None:
-                    copy_tensor(source, t.source, sink)
-                elif t.group.prefix in kinds:
-                    group_kinds = kinds.pop(t.group.prefix)
-                    write_group(
-                        source, t.group, sink, device=device, pool=pool, in_flight=WORKERS + 1, kinds=group_kinds
-                    )
-                    _release_freed_memory()
-                for done in [f for f in finishing if f.done()]:
-                    done.result()  # a shard that failed to finish stops the run now
-            hashes.update(f.result() for f in finishing)
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            torch.set_num_threads(threads)
-    return hashes
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by a finished group back to the OS (glibc keeps it in per-thread arenas),
-    so that peak memory stays flat over many layers."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _replace_quant_config(config: dict, plan: Plan, source: SourceCheckpoint, options: dict) -> None:
-    text = source.text_config
-    activation = {
-        "alpha": text.get("swiglu_alpha", 1.702),
-        "beta": text.get("swiglu_beta", 1.0),
-        "limit": text.get("swiglu_limit", 7.0),
-    }
-    holder = config if "quantization_config" in config else config.get("text_config", config)
-    holder["quantization_config"] = fmt.quantization_config(
-        source=source.quant_config,
-        layers={g.prefix: g.storage for g in plan.groups},
-        bf16_max_tokens=options["bf16_max_tokens"],
-        bf16_min_tokens=options["bf16_min_tokens"],
-        activation=activation,
-        version=__version__,
-    )
-
-
-def _side_files(source_dir: Path) -> list[Path]:
-    skip = {"config.json", fmt.INDEX_NAME, SINGLE_NAME, fmt.CARD_NAME}
-    return sorted(
-        p
-        for p in source_dir.iterdir()
-        if p.is_file()
-        and p.name not in skip
-        and not p.name.endswith(PARTIAL)
-        and any(fnmatch.fnmatch(p.name, pat) for pat in SIDE_FILES)
-    )
 
 
 def describe(plan: Plan, source: SourceCheckpoint) -> str:

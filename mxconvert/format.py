@@ -12,6 +12,8 @@ QUANT_METHOD = "mxconvert"
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "mxconvert.json"
 CARD_NAME = "README.md"
+RECORD_NAME = "mxconvert.partial.json"  # an unfinished run's record (--resume)
+LOCK_NAME = ".mxconvert.lock"  # held while a run writes OUT_DIR; never part of the output
 DUAL, BF16_ONLY, NATIVE_ONLY = "dual", "bf16_only", "native_only"
 LONG_CONTEXT_EVERY = 5  # --long-context: MoE layers with index % 5 == 0 keep BF16 only
 
@@ -29,7 +31,23 @@ BF16_TENSORS = ("w13_weight_bf16", "w2_weight_bf16")
 STORED = {DUAL: NATIVE_TENSORS + BF16_TENSORS, NATIVE_ONLY: NATIVE_TENSORS, BF16_ONLY: BF16_TENSORS}
 
 # A decoder layer's experts (the long-context rule applies to these); other groups, e.g. MTP's, do not.
-DECODER_GROUP = re.compile(r"^(?:language_model\.)?model\.layers\.(?P<layer>\d+)\.[A-Za-z_]+\.experts$")
+DECODER_GROUP = re.compile(
+    r"^(?:language_model\.)?model\.layers\.(?P<layer>0|[1-9][0-9]*)\.[A-Za-z_]+\.experts$", re.ASCII
+)
+
+
+# A tensor the converter generates: <prefix>.experts.<one of EXPERT_TENSORS>
+CONVERTED_NAME = re.compile(rf"^(?P<prefix>.+\.experts)\.(?:{'|'.join(EXPERT_TENSORS)})$")
+
+
+def converted_quant(config: dict) -> dict | None:
+    """A converted config.json's quantization_config (at the top, or under text_config where the source
+    had it), or None if it is not this format's."""
+    for holder in (config, config.get("text_config")):
+        quant = holder.get("quantization_config") if isinstance(holder, dict) else None
+        if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD:
+            return quant if quant.get("format_version") == FORMAT_VERSION else None
+    return None
 
 
 def shard_name(index: int, count: int) -> str:

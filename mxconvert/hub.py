@@ -9,12 +9,14 @@ import hashlib
 import importlib
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from . import format as fmt
 from .errors import MxconvertError
-from .manifest import sha256_file, verify
+from .manifest import sha256_file
+from .outdir import locked_for_reading
+from .verify import verify
 
 HUB_FILE_LIMIT = 50 * 1000**3  # the Hub refuses a file over 50 GB
 PATHS_INFO_BATCH = 100  # paths per paths-info request
@@ -34,6 +36,13 @@ def push(
 ) -> str:
     """Upload OUT_DIR to REPO_ID and return the URL of the commit, the pull request, or the repo."""
     out_dir = Path(out_dir)
+    if constants.HF_HUB_OFFLINE:
+        raise MxconvertError("push", "HF_HUB_OFFLINE is set, so nothing can be uploaded", "Unset HF_HUB_OFFLINE")
+    with locked_for_reading(out_dir):  # no conversion may rewrite OUT_DIR while it uploads
+        return _push_locked(out_dir, repo_id, private, revision, token, commit_message, create_pr)
+
+
+def _push_locked(out_dir, repo_id, private, revision, token, commit_message, create_pr) -> str:
     if create_pr and revision not in (None, "main"):
         raise MxconvertError(
             "--create-pr",

@@ -84,30 +84,37 @@ class Plan:
 COPY_CHUNK = 64 * 2**20  # bytes per read/write of a passed-through tensor
 
 
+SIZE_UNITS = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
+SIZE = re.compile(r"\s*([0-9]{1,15})(?:\.([0-9]{1,9}))?\s*([KMGT]?I?)B?\s*", re.ASCII)
+
+
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, as Hugging Face tools read shard sizes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or float(m[1]) <= 0:
-        raise OptionError("--max-shard-size", f"{text!r} is not a size", "Write it like 5GB, 500MB or 2GiB")
-    unit = m[2].rstrip("B") or "B"
-    scale = {
-        "B": 1,
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
-        "KI": 2**10,
-        "MI": 2**20,
-        "GI": 2**30,
-        "TI": 2**40,
-    }
-    return int(float(m[1]) * scale[unit])
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, as Hugging Face tools read shard sizes; at least 1 byte."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = SIZE.fullmatch(str(text).upper())
+        if not m or m[3] == "I":
+            raise OptionError("--max-shard-size", f"{text!r} is not a size", "Write it like 5GB, 500MB or 2GiB")
+        whole, fraction, unit = int(m[1]), m[2] or "", SIZE_UNITS[m[3]]
+        size = whole * unit + int(fraction or 0) * unit // 10 ** len(fraction)  # exact: no float rounding
+    if size < 1:
+        raise OptionError("--max-shard-size", f"{text!r} is less than one byte", "Write it like 5GB, 500MB or 2GiB")
+    return size
 
 
 def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"([0-9]+)", name))]  # odd: digits
 
 
 def _storage(prefix: str, *, long_context: bool, bf16: str) -> tuple[int | None, str]:
@@ -186,6 +193,12 @@ def make_plan(source: SourceCheckpoint, *, long_context: bool, bf16: str, max_sh
                 outputs.append(
                     OutputTensor(f"{prefix}.{kind}", dtype, shape(g.num_experts, g.hidden, g.inter), group=g, kind=kind)
                 )
+    names = [t.name for t in outputs]
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        twice = next(n for n in names if n in seen or seen.add(n))
+        raise MxconvertError(twice, "would be written twice (a source tensor has the name of a converted one)",
+                             "Rename or remove the source tensor")  # fmt: skip
     planned = sorted(
         {t.group.prefix: t.group for t in outputs if t.group}.values(), key=lambda g: _natural_key(g.prefix)
     )
@@ -194,11 +207,13 @@ def make_plan(source: SourceCheckpoint, *, long_context: bool, bf16: str, max_sh
 
 def _assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shard]:
     """Greedy in order: a shard closes before the tensor that would take it past the limit."""
-    shards = [Shard("")]
+    shards, filled = [Shard("")], 0
     for t in tensors:
-        if shards[-1].tensors and shards[-1].nbytes + t.nbytes > max_shard_size:
+        if shards[-1].tensors and filled + t.nbytes > max_shard_size:
             shards.append(Shard(""))
+            filled = 0
         shards[-1].tensors.append(t)
+        filled += t.nbytes
     for i, shard in enumerate(shards):
         shard.name = fmt.shard_name(i + 1, len(shards))
     return shards

@@ -7,22 +7,27 @@ in flight, so memory stays at a few experts' worth whatever the model's size.
 Shape legend: N out, K in, G = K // 32; w13 is [2I, H] per expert, w2 [H, I].
 """
 
+import ctypes
+import os
 import threading
 from collections import deque
-from concurrent.futures import Executor, wait
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from functools import partial
 
 import torch
+from tqdm.auto import tqdm
 
 from . import format as fmt
 from . import layout
 from .checkpoint import SourceCheckpoint, TensorInfo
 from .errors import MxconvertError
-from .plan import COPY_CHUNK, PROJECTIONS, PlannedGroup
-from .writer import ShardSet
+from .plan import COPY_CHUNK, PROJECTIONS, Plan, PlannedGroup, Shard
+from .writer import ShardSet, ShardWriter
 
 STACKS = (("w13", ("gate", "up")), ("w2", ("down",)))  # w13 rows: gate then up
 BF16_ROWS = 256  # rows per BF16 conversion step: keeps the temporaries in cache
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # expert threads
 _scratch = threading.local()
 
 
@@ -41,7 +46,7 @@ def _buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
 
 def copy_tensor(source: SourceCheckpoint, info: TensorInfo, sink: ShardSet) -> None:
     """A passed-through tensor, byte for byte, in chunks of COPY_CHUNK."""
-    for start in range(0, max(info.nbytes, 1), COPY_CHUNK):
+    for start in range(0, info.nbytes, COPY_CHUNK):
         sink.write(info.name, start, source.read(info, start, min(COPY_CHUNK, info.nbytes - start)))
 
 
@@ -171,3 +176,79 @@ def write_group(
         for e in range(group.num_experts)
     ]
     _run_all(pool, calls, in_flight=in_flight)
+
+
+def stream_shards(
+    source: SourceCheckpoint,
+    plan: Plan,
+    out: "os.PathLike",
+    todo: list[Shard],
+    *,
+    on_finished: Callable[[str, int, str], None],
+    shard_type: type[ShardWriter] = ShardWriter,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "converting",
+) -> dict[str, str]:
+    """Stream every tensor of the `todo` shards into place (ShardWriter) or against what is there
+    (ShardChecker, for verify); returns each shard's sha256 and calls on_finished(name, size, sha256).
+
+    Experts convert on WORKERS threads; a full shard is finished on one more, so the workers never wait
+    on the disk. Shards are hashed as they are written or read.
+    """
+    wanted = {t.name for shard in todo for t in shard.tensors}
+    kinds: dict[str, set[str]] = {}  # expert group -> its tensors to write
+    for t in plan.tensors:
+        if t.group is not None and t.name in wanted:
+            kinds.setdefault(t.group.prefix, set()).add(t.kind)
+
+    def finish(writer: ShardWriter) -> tuple[str, str]:
+        name, sha256 = writer.finish()
+        on_finished(name, writer.size, sha256)
+        return name, sha256
+
+    hashes, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over experts instead: no oversubscription of small ops
+    with (
+        ThreadPoolExecutor(WORKERS) as pool,
+        ThreadPoolExecutor(1) as finisher,
+        tqdm(total=sum(s.nbytes for s in todo), unit="B", unit_scale=True, desc=desc, disable=None if progress else True) as bar,
+    ):
+        finishing = []
+        sink = ShardSet(
+            out, plan, on_full=lambda w: finishing.append(finisher.submit(finish, w)), on_bytes=bar.update,
+            shard_type=shard_type,
+        )  # fmt: skip
+        try:
+            for shard in sink.empty_shards():  # header only: no tensor byte will open them
+                if shard in todo:
+                    sink.on_full(shard_type(out / shard.name, shard.tensors))
+            for t in plan.tensors:
+                if t.name not in wanted:
+                    continue
+                if t.source is not None:
+                    copy_tensor(source, t.source, sink)
+                elif t.group.prefix in kinds:
+                    group_kinds = kinds.pop(t.group.prefix)
+                    write_group(
+                        source, t.group, sink, device=device, pool=pool, in_flight=WORKERS + 1, kinds=group_kinds
+                    )
+                    _release_freed_memory()
+                for done in [f for f in finishing if f.done()]:
+                    done.result()  # a shard that failed to finish stops the run now
+            hashes.update(f.result() for f in finishing)
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+    return hashes
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by a finished group back to the OS (glibc keeps it in per-thread arenas),
+    so that peak memory stays flat over many layers."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from .errors import MxconvertError
-from .plan import OutputTensor, Plan
+from .plan import OutputTensor, Plan, Shard
 
 PARTIAL = ".partial"  # suffix of files still being written
 HASH_CHUNK = 16 * 2**20  # bytes per read when hashing or comparing files
 RELEASE_STEP = 256 * 2**20
 
 
+CONVERT_AGAIN = "Convert again (mxconvert MODEL_DIR OUT_DIR --force)"
 WRITE_FIX = "Free disk space (or fix what the error says), then run the same command with --resume"
 # Test-only: MXCONVERT_TEST_KILL_AT="<event>:<n>" sends this process MXCONVERT_TEST_KILL_SIGNAL (default
 # SIGKILL) at the n-th event: "start", "write" (a chunk into a shard), "shard" (a shard finished and
@@ -62,7 +63,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     """A small file: written under a temporary name, flushed, then renamed into place."""
     tmp = path.with_name(path.name + PARTIAL)
     try:
-        with open(tmp, "wb") as f:
+        if os.path.lexists(tmp):  # an earlier run's leftover (or a planted link): never written through
+            os.unlink(tmp)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -104,8 +107,17 @@ class ShardWriter:
         self.offsets = {name: len(header) + off for name, off in offsets.items()}
         self.size = len(header) + sum(t.nbytes for t in tensors)
         self.remaining = self.size - len(header)
+        self._open(header)
+        self._digest, self._hashed, self._ahead = hashlib.sha256(header), len(header), {}
+        self._lock, self._hashing, self._released = threading.Lock(), False, 0
+        self._idle = threading.Condition(self._lock)
+
+    def _open(self, header: bytes) -> None:
         try:
-            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o644)
+        except FileExistsError:  # an earlier run's leftover: ours by name, redone from scratch
+            os.unlink(self.tmp)
+            return self._open(header)
         except OSError as e:
             raise MxconvertError(self.tmp, f"cannot be created ({e.strerror})", WRITE_FIX) from e
         try:
@@ -113,9 +125,10 @@ class ShardWriter:
         except MxconvertError:
             self.abort()
             raise
-        self._digest, self._hashed, self._ahead = hashlib.sha256(header), len(header), {}
-        self._lock, self._hashing, self._released = threading.Lock(), False, 0
-        self._idle = threading.Condition(self._lock)
+
+    def _put(self, raw: memoryview, start: int, name: str) -> None:
+        _pwrite_all(self.fd, raw, start, self.tmp)
+        crash_point("write")
 
     def write(self, name: str, offset: int, data: torch.Tensor) -> int:
         """Write a contiguous CPU tensor's bytes at `offset` within tensor `name`; returns the byte count."""
@@ -123,8 +136,7 @@ class ShardWriter:
         if not len(raw):
             return 0
         start = self.offsets[name] + offset
-        _pwrite_all(self.fd, raw, start, self.tmp)
-        crash_point("write")
+        self._put(raw, start, name)
         self._hash(start, raw)
         return len(raw)
 
@@ -162,7 +174,8 @@ class ShardWriter:
         with self._lock:
             self._idle.wait_for(lambda: not self._hashing)
         self._hash()
-        assert self.remaining == 0 and self._hashed == self.size, f"{self.path.name}: bytes were never written"
+        if self.remaining != 0 or self._hashed != self.size:  # a bug of ours, never the input's
+            raise RuntimeError(f"{self.path.name}: {self.remaining} bytes were never written")
         try:
             os.fsync(self.fd)
             os.close(self.fd)
@@ -178,24 +191,61 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+class ShardChecker(ShardWriter):
+    """verify --source: an existing shard compared with the bytes the converter would write, hashed as
+    it is read (the same prefix hashing as ShardWriter), nothing written."""
+
+    def _open(self, header: bytes) -> None:
+        self.fd = os.open(self.path, os.O_RDONLY)
+        if os.pread(self.fd, len(header), 0) != header:
+            self.abort()
+            raise MxconvertError(self.path, "header differs from the one the converter writes", CONVERT_AGAIN)
+
+    def _put(self, raw: memoryview, start: int, name: str) -> None:
+        for off in range(0, len(raw), HASH_CHUNK):
+            want = raw[off : off + HASH_CHUNK]
+            if os.pread(self.fd, len(want), start + off) != want:
+                begin = start + off - self.offsets[name]
+                problem = f"bytes [{begin}, {begin + len(want)}) differ from the source's conversion"
+                raise MxconvertError(f"{self.path.name}: {name}", problem, CONVERT_AGAIN)
+
+    def finish(self) -> tuple[str, str]:
+        with self._lock:
+            self._idle.wait_for(lambda: not self._hashing)
+        self._hash()
+        os.close(self.fd)
+        return self.path.name, self._digest.hexdigest()
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
 class ShardSet:
     """All shards of a plan, written from several threads; a shard is opened when first written and
     handed to on_full (which finishes it) once its last byte is in."""
 
     def __init__(
-        self, out_dir: Path, plan: Plan, on_full: Callable[[ShardWriter], None], on_bytes: Callable[[int], None]
+        self,
+        out_dir: Path,
+        plan: Plan,
+        on_full: Callable[[ShardWriter], None],
+        on_bytes: Callable[[int], None],
+        shard_type: type[ShardWriter] = ShardWriter,
     ):
-        self.out_dir, self.on_full, self.on_bytes = out_dir, on_full, on_bytes
+        self.out_dir, self.on_full, self.on_bytes, self.shard_type = out_dir, on_full, on_bytes, shard_type
+        self.plan = plan
         self.shard_of = {t.name: shard for shard in plan.shards for t in shard.tensors}
         self.open: dict[str, ShardWriter] = {}
         self._lock = threading.Lock()
 
     def write(self, name: str, offset: int, data: torch.Tensor) -> None:
+        if data.numel() == 0:  # an empty tensor is all header: a shard is full once its bytes are in
+            return
         shard = self.shard_of[name]
         with self._lock:
             writer = self.open.get(shard.name)
             if writer is None:
-                writer = self.open[shard.name] = ShardWriter(self.out_dir / shard.name, shard.tensors)
+                writer = self.open[shard.name] = self.shard_type(self.out_dir / shard.name, shard.tensors)
         n = writer.write(name, offset, data)
         with self._lock:
             writer.remaining -= n
@@ -205,6 +255,10 @@ class ShardSet:
             self.on_bytes(n)
         if full:
             self.on_full(writer)
+
+    def empty_shards(self) -> list[Shard]:
+        """Shards without a data byte (only empty tensors): no write ever opens them."""
+        return [shard for shard in self.plan.shards if shard.nbytes == 0]
 
     def abort(self) -> None:
         with self._lock:

@@ -168,7 +168,7 @@ def test_real_subprocess(source, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "converting: 100%" in proc.stderr and "B/s" in proc.stderr  # tqdm, counted in bytes
+    assert "converting" not in proc.stderr  # no progress bar when stderr is not a terminal
     assert (out / "mxconvert.json").is_file()
     proc = subprocess.run(
         [sys.executable, "-m", "mxconvert", str(source), str(out)],

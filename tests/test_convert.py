@@ -16,7 +16,7 @@ from safetensors import safe_open
 from mxconvert import __version__, layout
 from mxconvert.convert import convert
 from mxconvert.errors import MxconvertError
-from mxconvert.manifest import verify
+from mxconvert.verify import verify
 
 E, H, I = 8, 160, 96
 PROJ = {"minimax": ("w1", "w3", "w2"), "hf": ("gate_proj", "up_proj", "down_proj"), "compressed": ("w1", "w3", "w2")}
@@ -174,7 +174,10 @@ def test_index_config_card_manifest_and_side_files(source, converted):
     for name, f in files.items():
         data = (out / name).read_bytes()
         assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
-    assert {f["name"] for f in manifest["source"]["files"]} == {p.name for p in source.glob("*.safetensors")}
+    inputs = {f["name"]: f for f in manifest["source"]["files"]}
+    assert {n for n, f in inputs.items() if "header_sha256" in f} == {p.name for p in source.glob("*.safetensors")}
+    for name in ("config.json", "model.safetensors.index.json", "README.md", "tokenizer.json"):  # read once, hashed
+        assert inputs[name]["sha256"] == hashlib.sha256((source / name).read_bytes()).hexdigest()
     assert manifest["options"]["bf16"] == "materialize" and manifest["tool"]["version"] == __version__
 
 
@@ -254,9 +257,14 @@ def test_out_dir_rules(source, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(MxconvertError, match="--force"):
         convert(model_dir=str(source), out_dir=str(out), progress=False)
-    assert (out / "keep.txt").exists()
-    convert(model_dir=str(source), out_dir=str(out), force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "mxconvert.json").exists()
+    with pytest.raises(MxconvertError, match="holds keep.txt, which no mxconvert run of it wrote"):
+        convert(model_dir=str(source), out_dir=str(out), force=True, progress=False)  # not ours: refused
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    convert(model_dir=str(source), out_dir=str(out), progress=False)
+    convert(model_dir=str(source), out_dir=str(out), force=True, long_context=True, progress=False)  # ours: replaced
+    assert json.loads((out / "mxconvert.json").read_text())["options"]["long_context"] is True
+    verify(out_dir=out, source=source)
 
 
 def test_dry_run_writes_nothing(source, tmp_path, capsys):
@@ -294,7 +302,7 @@ def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    with pytest.raises(MxconvertError, match="cannot be fetched from the Hub offline"):
+    with pytest.raises(MxconvertError, match="HF_HUB_OFFLINE is set"):
         convert(model_dir="nobody/not-a-model", out_dir=str(tmp_path / "out"), progress=False)
 
 

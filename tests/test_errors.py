@@ -83,8 +83,21 @@ def set_entry(src, name, **fields):
 
 
 def drop_tensor(src, name):
-    """Gone from its shard's header and from the index (its bytes stay, unreferenced)."""
-    edit_header(shard_of(src, name), lambda header: header.pop(name))
+    """Gone from its shard (header and bytes, the rest packed as safetensors writes it) and from the index."""
+    shard = shard_of(src, name)
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header.pop(name)
+    kept, offset = b"", 0
+    for key in sorted_entries(header):
+        begin, end = header[key]["data_offsets"]
+        kept += data[begin:end]
+        header[key]["data_offsets"] = [offset, offset + end - begin]
+        offset += end - begin
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(len(text).to_bytes(8, "little") + text + kept)
     edit_json(src / INDEX, lambda index: index["weight_map"].pop(name))
 
 
@@ -213,11 +226,11 @@ CASES = [
          SHARD3 + r": header length \d+ is corrupt or the file is truncated. " + RE_DOWNLOAD, "nothing"),
     Case("header_not_json", "a shard header overwritten with garbage",
          lambda src, out, tmp, mp: edit_bytes(src / "model-00001-of-00004.safetensors", 8, b"#garbage#"), ARGS, 1,
-         SHARD1 + r": cannot read the safetensors header \(Expecting value: line 1 column 1 \(char 0\)\). "
+         SHARD1 + r": safetensors header is not valid JSON \(Expecting value: line 1 column 1 \(char 0\)\). "
          + RE_DOWNLOAD, "nothing"),
     Case("header_entry_corrupt", "a header entry without data_offsets",
          lambda src, out, tmp, mp: edit_header(shard_of(src, W1), lambda h: h[W1].pop("data_offsets")), ARGS, 1,
-         SHARD_ANY + r": header entry " + re.escape(W1) + r" is corrupt \(needs dtype, shape and two data_offsets\). "
+         SHARD_ANY + r": header entry " + re.escape(W1) + r" is corrupt \(needs dtype, shape and two data_offsets, nothing else\). "
          + RE_DOWNLOAD, "nothing"),
     Case("header_offsets_overlap", "two tensors' bytes overlap",
          lambda src, out, tmp, mp: edit_header(src / "model-00002-of-00004.safetensors", overlap), ARGS, 1,
@@ -298,8 +311,8 @@ CASES = [
          r"OUT_DIR on another disk.", "nothing"),
     Case("hub_id_offline", "a Hub repo id under HF_HUB_OFFLINE=1",
          lambda src, out, tmp, mp: offline(mp, tmp), ("nobody/not-a-model", "{OUT}"), 1,
-         r"nobody/not-a-model: is not a local directory and cannot be fetched from the Hub offline. Unset "
-         r"HF_HUB_OFFLINE, or download it first, or pass a local path.", "nothing"),
+         r"nobody/not-a-model: is neither a local directory nor a checkpoint in the Hugging Face cache, and "
+         r"HF_HUB_OFFLINE is set. Check the path, or unset HF_HUB_OFFLINE to download it.", "nothing"),
     Case("unknown_choice", "--bf16 sometimes", None, (*ARGS, "--bf16", "sometimes"), 2,
          r"--bf16: 'sometimes' is not one of 'materialize', 'derive'. " + HELP, "nothing"),
     Case("bad_shard_size", "--max-shard-size lots", None, (*ARGS, "--max-shard-size", "lots"), 2,

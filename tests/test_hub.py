@@ -205,11 +205,11 @@ def test_check_file_sizes_at_the_real_limit(tmp_path):
     )
 
 
-def test_files_outside_the_manifest_are_not_pushed(out, hub, capsys):
-    (out / "notes.txt").write_text("mine")
-    push(out_dir=out, repo_id=REPO)
-    assert "notes.txt" not in hub.files(REPO)
-    assert "Not in the manifest, so not pushed: notes.txt" in capsys.readouterr().out
+def test_files_outside_the_manifest_stop_the_push(out, hub):
+    (out / "notes.txt").write_text("mine")  # verify refuses a directory that is not exactly the conversion
+    with pytest.raises(MxconvertError, match=r"notes.txt: is not in the manifest"):
+        push(out_dir=out, repo_id=REPO)
+    assert REPO not in hub.repos
 
 
 def test_remote_files_of_an_older_conversion_are_reported_and_kept(converted, hub, capsys):
