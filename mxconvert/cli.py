@@ -213,8 +213,6 @@ def verify(out_dir, source, quick):
     """Check OUT_DIR against its manifest and the format (and the source, bit for bit)."""
     from .verify import verify as run_verify
 
-    if not Path(out_dir).exists():  # before the manifest check, which would call it unfinished
-        raise click.ClickException(str(MxconvertError(out_dir, "does not exist", "Pass the OUT_DIR of a conversion")))
     manifest = _run(
         run_verify,
         out_dir=out_dir,

@@ -108,9 +108,16 @@ def test_unknown_first_word_lists_the_commands(source, tmp_path, monkeypatch):
 
 
 def test_verify_a_missing_directory(tmp_path):
+    """The CLI words it as the Python API does (one MxconvertError, printed)."""
+    from mxconvert.errors import MxconvertError
+    from mxconvert.verify import verify
+
+    with pytest.raises(MxconvertError) as api:
+        verify(out_dir=tmp_path / "missing")
     result = run("verify", tmp_path / "missing")
     assert result.exit_code == 1
-    assert result.output == f"Error: {tmp_path / 'missing'}: does not exist. Pass the OUT_DIR of a conversion.\n"
+    assert result.output == f"Error: {api.value}\n"
+    assert result.output.startswith(f"Error: {tmp_path / 'missing'}: does not exist. ")
 
 
 def test_version_names_what_a_bug_report_needs():
