@@ -1,4 +1,4 @@
-"""Seeded tiny MiniMax-M3-shaped MXFP8 checkpoints (FORMAT.md's input), for tests and benchmarks.
+"""Seeded tiny MiniMax-M3-shaped MXFP8 checkpoints (the input of docs/FORMAT.md), for tests and benchmarks.
 
 Same seed and arguments -> byte-identical files. A tensor's bytes depend only on (seed, name, shape),
 not on the shard layout. Two kinds of MXFP8 weights:

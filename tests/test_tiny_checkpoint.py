@@ -1,4 +1,4 @@
-"""The tiny-checkpoint generator writes FORMAT.md's input: names, dtypes, shapes, shards, planted bytes."""
+"""The tiny-checkpoint generator writes the input of docs/FORMAT.md: names, dtypes, shapes, shards, planted bytes."""
 
 import json
 import struct
