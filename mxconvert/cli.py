@@ -125,6 +125,14 @@ def _run(
     except KeyboardInterrupt:
         click.echo("\n" + interrupted, err=True)
         sys.exit(130)
+    except Exception as e:  # a bug of ours: still one line (MXCONVERT_DEBUG=1 shows the traceback)
+        if os.environ.get("MXCONVERT_DEBUG"):
+            raise
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise click.ClickException(
+            f"mxconvert {__version__}: internal error ({type(e).__name__}: {first}). This is a bug: please report it "
+            "with the command line; MXCONVERT_DEBUG=1 shows the traceback"
+        ) from None
 
 
 @click.group(cls=_DefaultToConvert, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})

@@ -220,8 +220,9 @@ def stream_shards(
             shard_type=shard_type,
         )  # fmt: skip
         try:
+            todo_names = {shard.name for shard in todo}
             for shard in sink.empty_shards():  # header only: no tensor byte will open them
-                if shard in todo:
+                if shard.name in todo_names:
                     sink.on_full(shard_type(out / shard.name, shard.tensors))
             for t in plan.tensors:
                 if t.name not in wanted:

@@ -85,8 +85,11 @@ def check_structure(out_dir: Path, names: set[str]) -> dict[str, tuple[Path, dic
     if quant is None:
         raise MxconvertError(out_dir / "config.json", "quantization_config is not mxconvert format v1", CONVERT_AGAIN)
     _check_format(out_dir / "config.json", quant, tensors)
-    for shard in sorted({path for path, _ in tensors.values()}):
-        _open_with_safetensors(shard, {n for n, (p, _) in tensors.items() if p == shard})
+    by_shard: dict[Path, set[str]] = {}
+    for name, (shard, _) in tensors.items():
+        by_shard.setdefault(shard, set()).add(name)
+    for shard, names_in_shard in sorted(by_shard.items()):
+        _open_with_safetensors(shard, names_in_shard)
     return tensors
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mxconvert import format as fmt
 from mxconvert.checkpoint import DTYPE_BYTES, TensorInfo, read_header
-from mxconvert.errors import MxconvertError, read_json
+from mxconvert.errors import MxconvertError, plain_name, read_json
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.manifest import load_manifest
 from mxconvert.runtime.bands import bands_for
@@ -37,12 +37,11 @@ class ConvertedCheckpoint:
         self.manifest = load_manifest(self.dir)  # refuses a missing manifest or an unknown format_version
         self.config = self._json("config.json")
         self.text_config = self.config.get("text_config", self.config)
-        quant = self.config.get("quantization_config") or {}
-        if quant.get("quant_method") != fmt.QUANT_METHOD or quant.get("format_version") != fmt.FORMAT_VERSION:
+        quant = fmt.converted_quant(self.config)  # at the top, or under text_config where the source had it
+        if quant is None:
             raise MxconvertError(
                 self.dir / "config.json",
-                f"quantization_config is {quant.get('quant_method')!r} format_version "
-                f"{quant.get('format_version')!r}, not {fmt.QUANT_METHOD!r} {fmt.FORMAT_VERSION}",
+                f"quantization_config is not {fmt.QUANT_METHOD!r} format_version {fmt.FORMAT_VERSION}",
                 "Convert the checkpoint with this mxconvert version",
             )
         experts = quant["experts"]
@@ -50,7 +49,12 @@ class ConvertedCheckpoint:
         self.dispatch = (experts["dispatch"]["bf16_max_tokens"], experts["dispatch"]["bf16_min_tokens"])
         act = experts["activation"]
         self.activation = SwigluOAI(alpha=act["alpha"], beta=act["beta"], limit=act["limit"])
-        self.weight_map: dict[str, str] = self._json(fmt.INDEX_NAME)["weight_map"]
+        weight_map = self._json(fmt.INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MxconvertError(self.dir / fmt.INDEX_NAME, "weight_map is not a map", "Convert again")
+        for shard in set(weight_map.values()):  # names from JSON stay inside OUT_DIR
+            plain_name(shard, self.dir / fmt.INDEX_NAME, fix="Convert again", what="shard")
+        self.weight_map: dict[str, str] = weight_map
         self._headers: dict[str, tuple[dict, int]] = {}
 
     def _json(self, name: str) -> dict:
