@@ -51,7 +51,7 @@ def write_model_card(
     """Write out_dir/README.md (a temporary name, then a rename) from out_dir/config.json; return its path.
 
     repo_id: the Hub repo the card will live in, when known (the push's target); source_files: the
-    manifest's input fingerprint (each weight file's name, size and header sha256).
+    manifest's input fingerprint (`source.files`).
     """
     out_dir = Path(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
@@ -122,7 +122,8 @@ def project_url() -> str | None:
 
 
 def input_fingerprint(source_files: list[dict]) -> str:
-    """One sha256 over the manifest's `source.files` (name, size, header sha256 of each weight file)."""
+    """One sha256 over the manifest's `source.files` (each input file's name, size and sha256, of its
+    header for a weight file), in name order."""
     files = sorted(source_files, key=lambda f: f["name"])
     return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -253,16 +254,18 @@ def _tested() -> str:
 
 def _provenance(origin: str, revision: str | None, version: str, options: dict, files: list[dict] | None) -> str:
     rows = "\n".join(f"| `{k}` | `{json.dumps(v)}` | {OPTION_HELP.get(k, '')} |" for k, v in options.items())
+    listed = f"listed under `source.files` in `{fmt.MANIFEST_NAME}`"
     if files:
-        size = sum(f["size"] for f in files)
+        weights = sum("header_sha256" in f for f in files)
         fingerprint = (
-            f"sha256 `{input_fingerprint(files)}` over {len(files)} weight files ({size:,} bytes): each file's "
-            f"name, size and header sha256, listed under `source.files` in `{fmt.MANIFEST_NAME}`"
+            f"sha256 `{input_fingerprint(files)}` over {len(files)} input files ({sum(f['size'] for f in files):,}"
+            f" bytes): {weights} weight files by name, size and header sha256, the others by sha256, {listed}"
         )
     else:
-        fingerprint = f"each weight file's name, size and header sha256: `source.files` in `{fmt.MANIFEST_NAME}`"
+        fingerprint = f"each input file's name, size and sha256 (of its header, for weight files), {listed}"
+    source = f"{origin}, revision `{revision}`" if revision else f"{origin}, no revision recorded"
     return f"""## How it was made
-- Source: {origin}, revision {f"`{revision}`" if revision else "not recorded (a local directory)"}
+- Source: {source}
 - Input fingerprint: {fingerprint}
 - Tool: mxconvert {version}, with these options:
 

@@ -34,9 +34,10 @@ tags: [minimax]
 """
 EXPERTS = "language_model.model.layers.{}.block_sparse_moe.experts"
 MTP = "language_model.model.mtp.0.block_sparse_moe.experts"
-SOURCE_FILES = [
+SOURCE_FILES = [  # as SourceCheckpoint.fingerprint() gives them: weight files by header, the rest whole
     {"name": "model-00002-of-00002.safetensors", "size": 4000, "header_sha256": "b" * 64},
     {"name": "model-00001-of-00002.safetensors", "size": 5000, "header_sha256": "a" * 64},
+    {"name": "config.json", "size": 100, "sha256": "c" * 64},
 ]
 
 
@@ -200,7 +201,7 @@ def test_provenance_has_the_input_fingerprint_and_no_local_details(tmp_path, mon
     ).read_text()
     digest = input_fingerprint(SOURCE_FILES)
     assert digest == input_fingerprint(SOURCE_FILES[::-1])  # file order does not matter
-    assert f"sha256 `{digest}` over 2 weight files (9,000 bytes)" in text
+    assert f"sha256 `{digest}` over 3 input files (9,100 bytes): 2 weight files by name" in text
     changed = [{**SOURCE_FILES[0], "header_sha256": "c" * 64}, SOURCE_FILES[1]]
     assert input_fingerprint(changed) != digest
     assert "`MiniMax-M3-local` (a local directory)" in text
@@ -235,7 +236,7 @@ def test_local_source_has_no_base_model(tmp_path, hub):
     data = ModelCard.load(path).data.to_dict()
     assert "base_model" not in data and "base_model_relation" not in data and "license" not in data
     text = path.read_text()
-    assert "`MiniMax-M3-local` (a local directory)" in text and "revision not recorded" in text
+    assert "`MiniMax-M3-local` (a local directory), no revision recorded" in text
     assert "/home/someone" not in text  # a local path stays private
     ModelCard.load(path).validate()
 
@@ -282,3 +283,19 @@ def test_hub_checks_reject_bad_metadata(hub, front, error):
     assert any(error in e for e in card_errors(text))
     with pytest.raises(ValueError):
         ModelCard(text).validate()
+
+
+def test_a_conversion_writes_a_card_that_matches_its_manifest(tmp_path):
+    """Through convert(): the card's fingerprint is the manifest's, its storage table the config's, and
+    nothing names the machine it ran on."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    from mxconvert.convert import convert
+
+    src = make_tiny_checkpoint(tmp_path / "src", demo=True, num_shards=2, num_hidden_layers=6)
+    convert(model_dir=str(src), out_dir=str(tmp_path / "out"), long_context=True, progress=False)
+    text = (tmp_path / "out" / "README.md").read_text()
+    manifest = json.loads((tmp_path / "out" / "mxconvert.json").read_text())
+    assert f"sha256 `{input_fingerprint(manifest['source']['files'])}`" in text
+    assert "| `bf16_only` | 1: layers 5 |" in text and "| `dual` | 3: layers 3-4; " in text  # + the MTP group
+    assert str(tmp_path) not in text and "`src` (a local directory)" in text
