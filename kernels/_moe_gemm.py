@@ -34,15 +34,24 @@ def _dequant(b, scale):
 
 
 @triton.jit
-def _bits_scale(byte, FP32: tl.constexpr):
-    # 2**(byte - 135): the scale a bit-placed weight (FNUZ value * 2**-119) takes after the constant 2**127.
-    # Exact down to byte 2 in BF16 (subnormal scales below byte 9), to byte 0 in fp32.
+def _route_scale(byte, DEQUANT: tl.constexpr, FP32: tl.constexpr):
+    # The power-of-two factor each route multiplies by last, from the E8M0 byte s (FNUZ reading):
+    # routes 1-2 (bit placement, value * 2**-119, then * 2**127): 2**(s - 135); 3 (cvt as E4M3FN, f16 bits
+    # shifted into BF16: value * 2**-111, then * 2**112): 2**(s - 128); 4: 2**(s - 8) and 5: 2**(s - 16),
+    # one multiply, so only for s <= 135 / 143. Subnormal BF16 scales keep the small bytes exact.
     s = byte.to(tl.int32)
-    if FP32:
+    if FP32:  # interpreter, routes 1-2: exact fp32 (subnormal below byte 9)
         bits = tl.where(s >= 9, (s - 8) << 23, 1 << (s + 14))
         return bits.to(tl.float32, bitcast=True)
     else:
-        bits = tl.where(s >= 9, (s - 8) << 7, tl.where(s >= 2, 1 << tl.maximum(s - 2, 0), 0))
+        if DEQUANT <= 2:
+            bits = tl.where(s >= 9, (s - 8) << 7, tl.where(s >= 2, 1 << tl.maximum(s - 2, 0), 0))
+        elif DEQUANT == 3 or DEQUANT == 7:
+            bits = tl.where(s >= 2, (s - 1) << 7, 1 << (s + 5))
+        elif DEQUANT == 4:
+            bits = (s + 119) << 7
+        else:  # 5, 6
+            bits = (s + 111) << 7
         return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
@@ -60,14 +69,11 @@ def _dequant_bits(b, scale, FP32: tl.constexpr):
         return x * 1.7014118346046923e38 * scale
 
 
-@triton.jit
-def _dequant_asm(b, scale):
-    # _dequant_bits in PTX, four bytes per instance: prmt spreads bytes 0,1 (2,3) into the high bytes of two
-    # 16-bit halves; shift + masks place the bits; fma.bf16x2 (exact: powers of two) applies 2**127 * scale.
-    return tl.inline_asm_elementwise(
-        asm="""
+# Four weights per instance: $2 holds four bytes, $3 / $4 the scales of weights 0-1 / 2-3 (bf16x2),
+# $0 / $1 the BF16 results. fma with -0 is an exact multiply (every factor is a power of two).
+_ASM_BITS = """
         {
-        .reg .b32 t0, t1, m0, m1, big, nz;
+        .reg .b32 t0, t1, m0, m1, nz;
         prmt.b32 t0, $2, 0, 0x1404;
         prmt.b32 t1, $2, 0, 0x3424;
         shr.b32 m0, t0, 4;
@@ -78,19 +84,83 @@ def _dequant_asm(b, scale):
         and.b32 t1, t1, 0x80008000;
         or.b32 t0, t0, m0;
         or.b32 t1, t1, m1;
-        mov.b32 big, 0x7F007F00;
         mov.b32 nz, 0x80008000;
+"""
+_ASM_F16 = """
+        {
+        .reg .b16 lo, hi;
+        .reg .b32 t0, t1, m0, m1, nz;
+        mov.b32 {lo, hi}, $2;
+        cvt.rn.f16x2.e4m3x2 t0, lo;
+        cvt.rn.f16x2.e4m3x2 t1, hi;
+        shr.b32 m0, t0, 3;
+        shr.b32 m1, t1, 3;
+        and.b32 m0, m0, 0x0FFF0FFF;
+        and.b32 m1, m1, 0x0FFF0FFF;
+        and.b32 t0, t0, 0x80008000;
+        and.b32 t1, t1, 0x80008000;
+        or.b32 t0, t0, m0;
+        or.b32 t1, t1, m1;
+        mov.b32 nz, 0x80008000;
+"""
+_ASM_BIG = """
+        {
+        .reg .b32 big;
+        mov.b32 big, BIG;
         fma.rn.bf16x2 t0, t0, big, nz;
         fma.rn.bf16x2 t1, t1, big, nz;
+        }
+"""
+_ASM_SCALE = """
         fma.rn.bf16x2 $0, t0, $3, nz;
         fma.rn.bf16x2 $1, t1, $4, nz;
         }
-        """,
-        constraints="=r,=r,r,r,r",
-        args=[b, scale],
-        dtype=tl.bfloat16,
-        is_pure=True,
-        pack=4,
+"""
+ASM_BITS = tl.constexpr(_ASM_BITS + _ASM_BIG.replace("BIG", "0x7F007F00") + _ASM_SCALE)  # 2**127
+ASM_F16 = tl.constexpr(_ASM_F16 + _ASM_BIG.replace("BIG", "0x77807780") + _ASM_SCALE)  # 2**112
+ASM_BITS1 = tl.constexpr(_ASM_BITS + _ASM_SCALE)
+ASM_F16_1 = tl.constexpr(_ASM_F16 + _ASM_SCALE)
+# Two weights per instance ($1: two bytes as .b16): matches the pairs of the wgmma register operand.
+ASM_F16_PAIR = tl.constexpr("""
+        {
+        .reg .b32 t, m, nz;
+        cvt.rn.f16x2.e4m3x2 t, $1;
+        shr.b32 m, t, 3;
+        and.b32 m, m, 0x0FFF0FFF;
+        and.b32 t, t, 0x80008000;
+        or.b32 t, t, m;
+        mov.b32 nz, 0x80008000;
+        fma.rn.bf16x2 $0, t, $2, nz;
+        }
+""")
+ASM_F16_PAIR2 = tl.constexpr(
+    ASM_F16_PAIR.value.replace(
+        "fma.rn.bf16x2 $0, t, $2, nz;", "mov.b32 m, 0x77807780;\n        fma.rn.bf16x2 t, t, m, nz;\n        fma.rn.bf16x2 $0, t, $2, nz;"
+    )
+)
+
+
+@triton.jit
+def _dequant_asm(b, scale, DEQUANT: tl.constexpr):
+    # NVIDIA inline PTX of routes 2-5; b: uint8 bytes, scale: BF16 from _route_scale.
+    if DEQUANT == 6:
+        return tl.inline_asm_elementwise(
+            asm=ASM_F16_PAIR, constraints="=r,h,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    if DEQUANT == 7:
+        return tl.inline_asm_elementwise(
+            asm=ASM_F16_PAIR2, constraints="=r,h,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    if DEQUANT == 2:
+        asm: tl.constexpr = ASM_BITS
+    elif DEQUANT == 3:
+        asm: tl.constexpr = ASM_F16
+    elif DEQUANT == 4:
+        asm: tl.constexpr = ASM_BITS1
+    else:
+        asm: tl.constexpr = ASM_F16_1
+    return tl.inline_asm_elementwise(
+        asm=asm, constraints="=r,=r,r,r,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=4
     )
 
 
@@ -112,7 +182,7 @@ def _w8a16_tile(
     if DEQUANT == 0:
         sc = _e8m0(byte, SCALE_SHIFT)
     else:
-        sc = _bits_scale(byte, UPCAST)
+        sc = _route_scale(byte, DEQUANT, UPCAST)
     if SCALE_AXIS == 1:
         b3 = tl.reshape(b, (ROWS, COLS // 32, 32))
         sc = tl.broadcast_to(sc[:, :, None], (ROWS, COLS // 32, 32))
@@ -124,7 +194,7 @@ def _w8a16_tile(
     elif DEQUANT == 1 or UPCAST:
         w = _dequant_bits(b3, sc, UPCAST)
     else:
-        w = _dequant_asm(b3, sc)
+        w = _dequant_asm(b3, sc, DEQUANT)
     return tl.reshape(w, (ROWS, COLS))
 
 

@@ -9,6 +9,8 @@ W8A8 activation quantization follows quant.py's rounding rule (E4M3FN, max 448, 
 max 240, on gfx942).
 """
 
+import dataclasses
+
 import torch
 
 from mxconvert.errors import MxconvertError
@@ -46,7 +48,20 @@ def _check(hidden, topk_weights, topk_ids, w13, w2):
 
 
 def _forward(
-    hidden, topk_weights, topk_ids, w13, w2, *, mode, w13_scale=None, w2_scale=None, activation, config, fmt, outside
+    hidden,
+    topk_weights,
+    topk_ids,
+    w13,
+    w2,
+    *,
+    mode,
+    w13_scale=None,
+    w2_scale=None,
+    activation,
+    config,
+    fmt,
+    outside,
+    dequant="auto",
 ):
     t, h, e, i, k = _check(hidden, topk_weights, topk_ids, w13, w2)
     if t == 0:
@@ -56,6 +71,12 @@ def _forward(
     config = config or cfg.moe_config(
         tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i, mode=mode, device=hidden.device
     )
+    if dequant != "auto":
+        config = dataclasses.replace(
+            config,
+            gemm1=dataclasses.replace(config.gemm1, dequant=dequant),
+            gemm2=dataclasses.replace(config.gemm2, dequant=dequant),
+        )
     align = align_routing(topk_ids, num_experts=e, block_m=config.block_m)
     weights = topk_weights.reshape(-1).float().contiguous()
     gemm = dict(align=align, num_pairs=t * k, mode=mode, fp8_format=fmt)
@@ -95,6 +116,7 @@ def moe_experts_mxfp8(
     fp8_format: str | None = None,
     config: cfg.MoeConfig | None = None,
     zero_outside_experts: bool = False,
+    dequant: str = "auto",
 ) -> torch.Tensor:
     """Native MXFP8 experts: w13 [E, 2I, H] / w2 [E, H, I] FNUZ bytes, scales [E, H/32, 2I] / [E, I/32, H].
 
@@ -102,6 +124,8 @@ def moe_experts_mxfp8(
     default native_mode(device). fp8_format default cfg.fp8_format(device) ("fn" on NVIDIA).
     zero_outside_experts: topk_ids outside [0, E) (experts on other ranks) contribute zero; otherwise
     every id must lie in [0, E).
+    dequant: the W8A16 FP8 -> BF16 route for both GEMMs ("auto": the tiles' choice, moe_gemm.resolve_dequant,
+    whose NVIDIA routes need scale bytes <= 143; pass "fp32" for weights with larger scales).
     """
     mode = mode or native_mode(hidden.device)
     if mode not in ("w8a8", "w8a16"):
@@ -119,6 +143,7 @@ def moe_experts_mxfp8(
         config=config,
         fmt=fp8_format or cfg.fp8_format(hidden.device),
         outside=zero_outside_experts,
+        dequant=dequant,
     )
 
 

@@ -14,7 +14,8 @@ from mxconvert.kernels.config import GemmTile
 from mxconvert.layout import BLOCK, dequantize, unpack_scales
 
 MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
-DEQUANT = {"fp32": 0, "bits": 1, "asm": 2}  # W8A16 dequantization routes (_moe_gemm.py)
+# W8A16 dequantization routes (_moe_gemm.py); "asm1" / "asm_f16_1" need every scale byte <= 135 / 143
+DEQUANT = {"fp32": 0, "bits": 1, "asm": 2, "asm_f16": 3, "asm1": 4, "asm_f16_1": 5, "asm_f16_pair": 6, "asm_f16_pair2": 7}
 FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
 
 
@@ -58,7 +59,7 @@ def moe_gemm(
     c = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=a.device)
     if num_pairs == 0:
         return c
-    dequant = resolve_dequant(tile.dequant, a.device) if mode == "w8a16" else "fp32"
+    dequant = resolve_dequant(tile.dequant, a.device, tile.swap_ab) if mode == "w8a16" else "fp32"
     if mode != "bf16":  # bit-placement dequantization reads the bytes as they are
         b = b.view(torch.uint8) if dequant != "fp32" else b.view(torch.uint8).view(FP8_VIEW[fp8_format])
     if mode == "w8a8":
@@ -105,16 +106,25 @@ def moe_gemm(
     return c
 
 
-def resolve_dequant(dequant: str, device: torch.device) -> str:
-    """'auto' -> the W8A16 dequantization route for the device: inline PTX on NVIDIA, bit placement in
-    plain Triton under the interpreter, the fp32 route elsewhere (gfx942: not measured)."""
+def resolve_dequant(dequant: str, device: torch.device, swap_ab: bool = False) -> str:
+    """'auto' -> the W8A16 dequantization route for the device and tile orientation: on NVIDIA the inline-PTX
+    f16 route, two weights per instance in the swap-AB (wgmma register operand) layout, four otherwise;
+    bit placement in plain Triton under the interpreter; the fp32 route elsewhere (gfx942: not measured).
+    The one-multiply routes ("asm1", "asm_f16_1", "asm_f16_pair") need every scale byte <= 135 / 143 / 143
+    (MAX_SCALE_BYTE); MoELayer checks once at load and falls back to "fp32"."""
     if dequant != "auto":
         if dequant not in DEQUANT:
             raise MxconvertError("moe_gemm", f"dequant {dequant!r}", f"use one of {sorted(DEQUANT)} or 'auto'")
-        return "bits" if dequant == "asm" and device.type != "cuda" else dequant
+        return "bits" if dequant.startswith("asm") and device.type != "cuda" else dequant
     if device.type == "cpu":
         return "bits"
-    return "asm" if torch.version.hip is None else "fp32"
+    if torch.version.hip is not None:
+        return "fp32"
+    return "asm_f16_pair" if swap_ab else "asm_f16_1"
+
+
+# The largest E8M0 byte each route decodes exactly (the others: every byte).
+MAX_SCALE_BYTE = {"asm1": 135, "asm_f16_1": 143, "asm_f16_pair": 143}
 
 
 def dequantized_weights(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:

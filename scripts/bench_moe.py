@@ -188,25 +188,36 @@ PLAIN = [
     (256, 64, 8, 4),
     (128, 128, 4, 4),
 ]
-BM_TOKENS = {
-    16: [1, 8, 32, 128, 512, 1024],
-    32: [128, 512, 1024, 4096],
+BM_TOKENS = {  # tokens per expert (T * 4 / 128) 0.03-4 / 4-32 / 16-128 / 32-256
+    16: [1, 8, 32, 128],
+    32: [128, 512, 1024],
     64: [512, 1024, 4096, 8192],
     128: [1024, 4096, 8192],
 }
+SPLIT_TILES = [(64, 256, 4, 3), (128, 128, 4, 3), (64, 128, 4, 4)]  # GEMM1 split-K candidates (decode)
 
 
-def sweep(tokens, modes, swap_only=False):
-    """Per mode, T and block_m: the fastest tile of each GEMM alone (TP8 shapes).
+def sweep_tiles(mode, gemm, bm, t, k, e, swap_only, routes_swap, routes_plain, splits):
+    """The candidate tiles of one (mode, GEMM, block_m, T): swap-AB at block_m <= 64 (or always with
+    swap_only), plain ones, each W8A16 tile in every route given; split-K for GEMM1 when few blocks exist."""
+    rs = routes_swap if mode == "w8a16" else ["auto"]
+    rp = routes_plain if mode == "w8a16" else ["auto"]
+    tiles = [cfg.GemmTile(*c, swap_ab=True, dequant=r) for c in SWAP for r in rs] if bm <= 64 or swap_only else []
+    if not swap_only:
+        tiles += [cfg.GemmTile(*c, dequant=r) for c in (PLAIN[:2] if bm <= 32 else PLAIN) for r in rp]
+    if gemm == "gemm1" and bm == 16 and t * k <= e:  # at most one block per expert: few CTAs
+        tiles += [cfg.GemmTile(*c, swap_ab=True, dequant=rs[0], split_k=sp) for c in SPLIT_TILES for sp in splits]
+    return tiles
 
-    swap_only: swap-AB tiles at every block_m (the default tries them at block_m <= 32 only)."""
-    e, h, i, k = SHAPES["tp8"]
+
+def sweep(tokens, modes, swap_only=False, shape="tp8", routes_swap=("auto",), routes_plain=("auto",), splits=(2, 4)):
+    """Per mode, T and block_m: the fastest tile of each GEMM alone; W8A16 also over dequantization routes,
+    GEMM1 at decode also over split-K. Returns the rows and, per (mode, T), the best MoeConfig found."""
+    e, h, i, k = SHAPES[shape]
     fp8, bf = make_weights(e, h, i)
     out = []
     for mode in modes:
         for bm, ts in BM_TOKENS.items():
-            tiles = [cfg.GemmTile(*c, swap_ab=True) for c in SWAP] if bm <= 32 or swap_only else []
-            tiles += [] if swap_only else [cfg.GemmTile(*c) for c in (PLAIN[:2] if bm <= 32 else PLAIN)]
             for t in [t for t in ts if t in tokens]:
                 x = torch.randn(t, h, device="cuda").bfloat16()
                 ids, w = routing(t, k, e, t)
@@ -222,7 +233,7 @@ def sweep(tokens, modes, swap_only=False):
                 bs1, bs2 = (None, None) if mode == "bf16" else (fp8["w13_scale"], fp8["w2_scale"])
                 for gemm, a, s, b, bs, div in (("gemm1", a1, s1, b1, bs1, k), ("gemm2", a2, s2, b2, bs2, 1)):
                     best = None
-                    for tile in tiles:
+                    for tile in sweep_tiles(mode, gemm, bm, t, k, e, swap_only, routes_swap, routes_plain, splits):
                         fn = lambda: moe_gemm(
                             a,
                             b,
@@ -243,7 +254,9 @@ def sweep(tokens, modes, swap_only=False):
                         out.append(dict(mode=mode, gemm=gemm, tokens=t, block_m=bm, tile=tile.__dict__, us=us))
                         if best is None or us < best[0]:
                             best = (us, tile)
-                    print(f"{mode} {gemm} T={t} bm={bm}: best {best[0]:.1f}us {best[1]}", flush=True)
+                    if best:
+                        print(f"{mode} {gemm} T={t} bm={bm}: best {best[0]:.1f}us {best[1]}", flush=True)
+    chosen = {}
     for mode in modes:  # per T, the block_m whose two best GEMMs sum lowest
         for t in tokens:
             best = {}
@@ -259,11 +272,54 @@ def sweep(tokens, modes, swap_only=False):
             }
             if sums:
                 bm = min(sums, key=sums.get)
+                g1, g2 = best[(bm, "gemm1")], best[(bm, "gemm2")]
+                chosen[(mode, t)] = cfg.MoeConfig(bm, cfg.GemmTile(**g1["tile"]), cfg.GemmTile(**g2["tile"]))
                 print(
-                    f"SUMMARY {mode} T={t} bm={bm} {sums[bm]:.1f}us g1={best[(bm, 'gemm1')]['tile']} "
-                    f"{best[(bm, 'gemm1')]['us']:.1f} g2={best[(bm, 'gemm2')]['tile']} {best[(bm, 'gemm2')]['us']:.1f}"
+                    f"SUMMARY {mode} T={t} bm={bm} {sums[bm]:.1f}us g1={g1['tile']} {g1['us']:.1f} "
+                    f"g2={g2['tile']} {g2['us']:.1f}"
                 )
-    return out
+    return out, chosen
+
+
+def compare_routes(tokens, routes, shape="tp8"):
+    """Whole W8A16 forwards with the shipped tiles, each dequantization route forced on both GEMMs."""
+    e, h, i, k = SHAPES[shape]
+    fp8, _ = make_weights(e, h, i)
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, h, device="cuda").bfloat16()
+        ids, w = routing(t, k, e, t)
+        conf = cfg.moe_config(tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i, mode="w8a16")
+        row = dict(tokens=t, config=repr(conf), us={})
+        for r in routes:
+            try:
+                row["us"][r] = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16", dequant=r))
+            except Exception as exc:
+                print(f"T={t} {r}: {type(exc).__name__} {str(exc)[:200]}", flush=True)
+        rows.append(row)
+        print(f"ROUTES T={t} swap={conf.gemm1.swap_ab}/{conf.gemm2.swap_ab} " +
+              " ".join(f"{r} {u:.1f}" for r, u in row["us"].items()), flush=True)
+    return rows
+
+
+def forward_check(chosen, shape="tp8"):
+    """Whole forwards: each (mode, T)'s swept config beside the shipped table's config (same run)."""
+    e, h, i, k = SHAPES[shape]
+    fp8, _ = make_weights(e, h, i)
+    rows = []
+    for (mode, t), conf in sorted(chosen.items()):
+        if mode == "bf16":
+            continue
+        x = torch.randn(t, h, device="cuda").bfloat16()
+        ids, w = routing(t, k, e, t)
+        us_table = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=mode))
+        us_swept = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=conf))
+        us_fp32 = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, dequant="fp32"))
+        rows.append(dict(mode=mode, tokens=t, table_us=us_table, swept_us=us_swept, table_fp32_us=us_fp32,
+                         config=repr(conf)))
+        print(f"FORWARD {mode} T={t}: table {us_table:.1f}us (fp32 route {us_fp32:.1f}us) swept {us_swept:.1f}us "
+              f"{conf}", flush=True)
+    return rows
 
 
 def hybrid(shapes, tokens, bands=None, device="cuda"):
@@ -316,6 +372,11 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--modes", default="w8a16,w8a8,bf16")
     ap.add_argument("--swap-only", action="store_true")
+    ap.add_argument("--compare-routes", default="", help="comma list: W8A16 forwards per dequantization route")
+    ap.add_argument("--routes-swap", default="auto", help="with --sweep: W8A16 routes for swap-AB tiles")
+    ap.add_argument("--routes-plain", default="auto", help="with --sweep: W8A16 routes for plain tiles")
+    ap.add_argument("--splits", default="2,4", help="with --sweep: GEMM1 split-K factors tried at decode")
+    ap.add_argument("--forward", action="store_true", help="with --sweep: whole forwards with the swept configs")
     ap.add_argument("--hybrid", action="store_true", help="the runtime's hybrid dispatch vs each single path")
     ap.add_argument("--bands", help="with --hybrid: LO,HI instead of the device's tuned bands")
     args = ap.parse_args()
@@ -331,8 +392,26 @@ def main():
         scaled_mm_fp8_tflops=fp8_tflops,
         native_mode=cfg.native_mode(),
     )
+    if args.compare_routes:
+        result["routes"] = compare_routes(tokens, args.compare_routes.split(","), args.shapes.split(",")[0])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
     if args.sweep:
-        result["sweep"] = sweep(tokens, args.modes.split(","), args.swap_only)
+        rows, chosen = sweep(
+            tokens,
+            args.modes.split(","),
+            args.swap_only,
+            args.shapes.split(",")[0],
+            args.routes_swap.split(","),
+            args.routes_plain.split(","),
+            [int(v) for v in args.splits.split(",")],
+        )
+        result["sweep"] = rows
+        result["chosen"] = {f"{m} {t}": repr(c) for (m, t), c in chosen.items()}
+        if args.forward:
+            result["forward"] = forward_check(chosen, args.shapes.split(",")[0])
+    elif args.compare_routes:
+        pass
     elif args.hybrid:
         bands = tuple(int(v) for v in args.bands.split(",")) if args.bands else None
         result["hybrid"] = hybrid(args.shapes.split(","), tokens, bands)
