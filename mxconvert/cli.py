@@ -186,13 +186,17 @@ def main():
     show_default=True,
     help="Where the BF16 copies are computed (bit-identical either way).",
 )
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option(
+    "--force", is_flag=True, help="Replace an earlier conversion in OUT_DIR (only files it wrote; others are refused)."
+)
 @click.option(
     "--resume",
     is_flag=True,
     help="Go on with an interrupted conversion in OUT_DIR (same input and options): keep its finished shards.",
 )
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar (bytes written).")
+@click.option(
+    "--progress/--no-progress", default=True, help="Progress bars (bytes written), when stderr is a terminal."
+)
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo (see `mxconvert push`).")
 def convert(**kwargs):
     """Convert MODEL_DIR (a local checkpoint or a Hub repo id) into OUT_DIR."""
