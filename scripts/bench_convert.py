@@ -36,6 +36,10 @@ convert(model_dir=sys.argv[1], out_dir=sys.argv[2], bf16=sys.argv[3], max_shard_
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print("BENCH_IO " + json.dumps({k: int(v) for k, v in io.items()}))
 """
+VERIFY_CHILD = """import sys
+from mxconvert.verify import verify
+verify(out_dir=sys.argv[1], source=sys.argv[2] if sys.argv[2] != "-" else None, full=True)
+"""
 
 
 def expected_bytes(layers: int, bf16: str) -> tuple[int, int]:
@@ -110,6 +114,28 @@ def plain_copy(sources: list[Path], dest_dir: Path, *, fsync: bool) -> dict:
         seconds += time.perf_counter() - t0
         dest.unlink()
     return {"wall_s": seconds, "read_bytes": nbytes, "written_bytes": nbytes}
+
+
+def run_child(cmd: list[str], what: str) -> tuple[float, dict, str]:
+    """A child process, timed; wait4 gives its own peak RSS and CPU time."""
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - t0
+        log.seek(0)
+        text = log.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench_convert: {what} failed:\n{text[-4000:]}")
+    return seconds, {"peak_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": usage.ru_utime + usage.ru_stime}, text
+
+
+def run_verify(out: Path, src: Path | None) -> dict:
+    """`verify --source` (every byte against a fresh conversion, streamed) or `verify` (sha256 of every file)."""
+    seconds, usage, _ = run_child([sys.executable, "-c", VERIFY_CHILD, str(out), str(src or "-")], "verify")
+    read = sum(p.stat().st_size for p in files_of(out))
+    read += sum(p.stat().st_size for p in files_of(src, "*.safetensors")) if src else 0
+    return {"wall_s": seconds, "read_bytes": read, "written_bytes": 0, **usage}
 
 
 def run_conversion(src: Path, out: Path, *, bf16: str, max_shard_size: str, via: str, fsync: bool) -> dict:
@@ -198,6 +224,10 @@ def main(argv=None) -> dict:
         )
         out_files = files_of(out)
         conv.update(read_bytes=in_bytes, written_bytes=sum(p.stat().st_size for p in out_files))
+        fsync_files(in_files + out_files, evict=True)
+        check_source = run_verify(out, src)
+        fsync_files(in_files + out_files, evict=True)
+        check_hashes = run_verify(out, None)
         fsync_files(in_files, evict=True)
         copy_in = plain_copy(in_files, work, fsync=args.fsync)
         fsync_files(out_files, evict=True)
@@ -206,7 +236,13 @@ def main(argv=None) -> dict:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    rows = {"conversion": conv, "plain copy, input files": copy_in, "plain copy, output files": copy_out}
+    rows = {
+        "conversion": conv,
+        "verify --source": check_source,
+        "verify (sha256)": check_hashes,
+        "plain copy, input files": copy_in,
+        "plain copy, output files": copy_out,
+    }
     for r in rows.values():
         r["read_GBps"] = r["read_bytes"] / r["wall_s"] / 1e9
         r["write_GBps"] = r["written_bytes"] / r["wall_s"] / 1e9
@@ -223,6 +259,7 @@ def main(argv=None) -> dict:
         **rows,
         "ratio_write_throughput_vs_copy": conv["write_GBps"] / copy_out["write_GBps"],
         "ratio_read_throughput_vs_copy": conv["read_GBps"] / copy_in["read_GBps"],
+        "ratio_verify_source_vs_conversion_time": check_source["wall_s"] / conv["wall_s"],
         "workdir": str(work) if args.keep else None,
     }
     print(
@@ -240,6 +277,7 @@ def main(argv=None) -> dict:
         )
     print(f"conversion / plain copy, bytes written per second: {result['ratio_write_throughput_vs_copy']:.2f}")
     print(f"conversion / plain copy, bytes read per second: {result['ratio_read_throughput_vs_copy']:.2f}")
+    print(f"verify --source / conversion, wall time: {result['ratio_verify_source_vs_conversion_time']:.2f}")
     print(f"conversion child: {conv['cpu_s']:.1f} s CPU; /proc/self/io {conv['proc_io'] or 'n/a (--via cli)'}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -6,6 +6,7 @@ prints the table of cases with the message each one prints.
 """
 
 import json
+import os
 import re
 import shutil
 from collections import namedtuple
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from checkpoint_edits import drop_tensors, edit_json, rename_tensor, shard_of, tensor_names
 from make_tiny_checkpoint import make_tiny_checkpoint
 
 import mxconvert.outdir
@@ -28,13 +30,6 @@ INDEX = "model.safetensors.index.json"
 # Breaking a checkpoint -------------------------------------------------------------------------------
 
 
-def edit_json(path, edit):
-    """edit(data) changes the parsed JSON in place; its return value is ignored."""
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
 def edit_text_config(src, **changes):
     def edit(config):
         for key, value in changes.items():
@@ -48,10 +43,6 @@ def edit_text_config(src, **changes):
 
 def edit_quant(src, **changes):
     edit_json(src / "config.json", lambda config: config["quantization_config"].update(changes))
-
-
-def shard_of(src, name):
-    return src / json.loads((src / INDEX).read_text())["weight_map"][name]
 
 
 def edit_header(shard, edit):
@@ -83,22 +74,7 @@ def set_entry(src, name, **fields):
 
 
 def drop_tensor(src, name):
-    """Gone from its shard (header and bytes, the rest packed as safetensors writes it) and from the index."""
-    shard = shard_of(src, name)
-    raw = shard.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
-    header.pop(name)
-    kept, offset = b"", 0
-    for key in sorted_entries(header):
-        begin, end = header[key]["data_offsets"]
-        kept += data[begin:end]
-        header[key]["data_offsets"] = [offset, offset + end - begin]
-        offset += end - begin
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    shard.write_bytes(len(text).to_bytes(8, "little") + text + kept)
-    edit_json(src / INDEX, lambda index: index["weight_map"].pop(name))
+    drop_tensors(src, [name])
 
 
 def set_last_byte(src, name, byte):
@@ -126,6 +102,26 @@ def write(path, text):
 
 def finished_conversion(src, out):
     assert CliRunner().invoke(main, [str(src), str(out), "--no-progress"]).exit_code == 0
+
+
+def link_out(src, tmp, name):
+    (tmp / "environ").write_text("HF_TOKEN=hf_secret")
+    (src / name).unlink(missing_ok=True)
+    (src / name).symlink_to(tmp / "environ")
+
+
+def fifo(path):
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def drop_group(src, prefix):
+    drop_tensors(src, [n for n in tensor_names(src) if n.startswith(prefix + ".")])
+
+
+def foreign_home(out):
+    write(out / ".ssh" / "id_rsa", "KEY")
+    write(out / "thesis.tex", "years of work")
 
 
 def no_space(monkeypatch):
@@ -327,6 +323,51 @@ CASES = [
     Case("unknown_option", "--long-contxt", None, (*ARGS, "--long-contxt"), 2,
          r"--long-contxt: is not an option of mxconvert convert \(did you mean --long-context\?\). " + HELP,
          "nothing"),
+    # issue 12: safety and trust
+    Case("side_file_link_out", "vocab.txt links to a file outside MODEL_DIR",
+         lambda src, out, tmp, mp: link_out(src, tmp, "vocab.txt"), ARGS, 1,
+         r"{SRC}/vocab.txt: is a link to {TMP}/environ, outside the source directory. Replace the link with the "
+         r"file itself, or remove it: mxconvert reads nothing outside MODEL_DIR.", "nothing"),
+    Case("shard_is_a_fifo", "a shard replaced by a FIFO",
+         lambda src, out, tmp, mp: fifo(src / "model-00002-of-00004.safetensors"), ARGS, 1,
+         SHARD2 + r": is a FIFO, not a regular file. Re-download the checkpoint.", "nothing"),
+    Case("index_names_absolute_path", "an index entry names /etc/passwd",
+         lambda src, out, tmp, mp: edit_json(src / INDEX, lambda i: i["weight_map"].update({W1: "/etc/passwd"})),
+         ARGS, 1, r"{SRC}/model.safetensors.index.json: names '/etc/passwd' as a shard, which is not a plain file "
+         r"name. Re-download the checkpoint.", "nothing"),
+    Case("expert_index_alias", "experts.00.w1.weight beside experts.0",
+         lambda src, out, tmp, mp: rename_tensor(src, f"{EXPERTS}.0.w1.weight", f"{EXPERTS}.00.w1.weight"), ARGS, 1,
+         re.escape(f"{EXPERTS}.00.w1.weight") + r": lies under `experts.` but is not a routed expert tensor \(.*\). "
+         r"Rename or remove it: it would not be converted.", "nothing"),
+    Case("moe_layer_missing", "every expert of layer 4 gone",
+         lambda src, out, tmp, mp: drop_group(src, EXPERTS), ARGS, 1,
+         r"layer 4: is a MoE layer in config.json but the checkpoint has no routed experts for it. Re-download the "
+         r"checkpoint; every MoE layer needs <prefix>.layers.<L>.<mlp>.experts.<e>.\*.", "nothing"),
+    Case("empty_weight_map", "the index's weight_map is {}",
+         lambda src, out, tmp, mp: edit_json(src / INDEX, lambda i: i.update(weight_map={})), ARGS, 1,
+         r"{SRC}/model.safetensors.index.json: weight_map is empty: the checkpoint names no tensors. Re-download the "
+         r"checkpoint.", "nothing"),
+    Case("unknown_dtype", "a passed-through tensor's dtype is BOGUS",
+         lambda src, out, tmp, mp: set_entry(src, f"{LM}.norm.weight", dtype="BOGUS"), ARGS, 1,
+         SHARD_ANY + r": header gives tensor " + re.escape(f"{LM}.norm.weight") + r" dtype 'BOGUS', which is not a "
+         r"safetensors dtype mxconvert can read \(.*\). " + RE_DOWNLOAD, "nothing"),
+    Case("config_with_bom", "config.json starts with a UTF-8 byte-order mark",
+         lambda src, out, tmp, mp: (src / "config.json").write_bytes(b"\xef\xbb\xbf" + (src / "config.json")
+                                                                     .read_bytes()), ARGS, 1,
+         r"{SRC}/config.json: is not plain UTF-8 JSON \(it starts with a byte-order mark\). Re-download it.",
+         "nothing"),
+    Case("index_deeply_nested", "the index nests 100000 lists",
+         lambda src, out, tmp, mp: write(src / INDEX, '{"a": ' + "[" * 100000 + "]" * 100000 + "}"), ARGS, 1,
+         r"{SRC}/model.safetensors.index.json: is JSON nested deeper than 64 levels. Re-download it.", "nothing"),
+    Case("force_on_a_foreign_directory", "--force on a directory mxconvert did not write",
+         lambda src, out, tmp, mp: foreign_home(out), (*ARGS, "--force"), 1,
+         r"{OUT}: holds .ssh, thesis.tex, which no mxconvert run of it wrote \(it has no mxconvert.json or "
+         r"mxconvert.partial.json\). --force replaces only a conversion of mxconvert's; pick another OUT_DIR, or "
+         r"empty it yourself.", "as before"),
+    Case("shard_size_400_digits", "--max-shard-size of 400 digits", None, (*ARGS, "--max-shard-size", "9" * 400),
+         2, r"--max-shard-size: '9{400}' is not a size. Write it like 5GB, 500MB or 2GiB.", "nothing"),
+    Case("shard_size_half_a_byte", "--max-shard-size 0.5", None, (*ARGS, "--max-shard-size", "0.5"), 2,
+         r"--max-shard-size: '0.5' is less than one byte. Write it like 5GB, 500MB or 2GiB.", "nothing"),
 ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from checkpoint_edits import (
@@ -174,20 +175,25 @@ def test_one_process_per_out_dir(src, tmp_path, converted):
 
 def test_a_second_process_is_refused_while_a_conversion_runs(src, tmp_path):
     """Two real processes: the second exits with one Error line naming the first's pid, and the first
-    finishes with a manifest that verify --source accepts."""
-    out = tmp_path / "out"
+    finishes with a manifest that verify --source accepts. The first waits at its first expert group
+    until the second is done (a file says go), so the overlap is certain."""
+    out, go = tmp_path / "out", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "scripts")])}
     first = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nimport mxconvert.stream as s\nreal = s.write_group\n"
-         "def slow(*a, **k):\n    time.sleep(0.3)\n    return real(*a, **k)\ns.write_group = slow\n"
-         "from mxconvert.cli import main\nmain(sys.argv[1:])", str(src), str(out), "--no-progress"],
+        [sys.executable, "-c", "import os, sys, time\nimport mxconvert.stream as s\nreal = s.write_group\n"
+         "def held(*a, **k):\n    while not os.path.exists(sys.argv[-1]):\n        time.sleep(0.01)\n"
+         "    return real(*a, **k)\ns.write_group = held\nfrom mxconvert.cli import main\n"
+         "main(sys.argv[1:-1])", str(src), str(out), "--no-progress", str(go)],
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    while not (out / "mxconvert.partial.json").exists() and first.poll() is None:
-        pass
-    second = subprocess.run(
-        [sys.executable, "-m", "mxconvert", str(src), str(out), "--resume"], env=env, capture_output=True, text=True
-    )
+    try:
+        while not (out / "mxconvert.partial.json").exists() and first.poll() is None:
+            time.sleep(0.01)
+        second = subprocess.run(
+            [sys.executable, "-m", "mxconvert", str(src), str(out), "--resume"], env=env, capture_output=True, text=True
+        )
+    finally:
+        go.touch()
     assert first.wait() == 0, first.stderr.read()
     assert second.returncode == 1 and second.stderr.strip().startswith("Error: "), second.stderr
     assert f"pid {first.pid}" in second.stderr and len(second.stderr.strip().splitlines()) == 1
@@ -618,7 +624,7 @@ def test_other_encodings_are_refused_once(src, tmp_path, name, encode, match):
 
 def test_digits_of_other_scripts_in_names(src, tmp_path):
     shard = sorted(src.glob("model-*.safetensors"))[0]
-    add_tensor(src, shard, "extra.\u00b2.weight", "U8", [2], b"\1\2")  # '²'.isdigit() is true, int('²') fails
+    add_tensor(src, shard, "extra.1\u00b21.weight", "U8", [2], b"\1\2")  # "²".isdigit() is true, int("²") fails
     out = tmp_path / "out"
     run(src, out)
     verify(out_dir=out, source=src)
