@@ -56,9 +56,10 @@ class _DefaultToConvert(click.Group):
         )
 
     def shell_complete(self, ctx, incomplete):
-        """Command names, and paths: the first word may be a MODEL_DIR."""
+        """Command names, else paths (the first word may be a MODEL_DIR): click's bash script drops
+        the names when a path item comes with them."""
         items = super().shell_complete(ctx, incomplete)
-        return items + ([] if incomplete.startswith("-") else [CompletionItem(incomplete, type="dir")])
+        return items or ([] if incomplete.startswith("-") else [CompletionItem(incomplete, type="dir")])
 
 
 def _versions(ctx, _param, value) -> None:

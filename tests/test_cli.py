@@ -138,7 +138,8 @@ def test_shell_completion(tmp_path):
         assert result.exit_code == 0, result.output
         return result.output.split()
 
-    assert "plain,verify" in complete("mxconvert ve") and "dir,ve" in complete("mxconvert ve")
+    assert complete("mxconvert ve") == ["plain,verify"]
+    assert complete("mxconvert ./Mini") == ["dir,./Mini"]  # no command: a MODEL_DIR, completed as a path
     assert {"plain,--bf16", "plain,--bf16-max-tokens"} <= set(complete("mxconvert src out --bf"))
     assert "plain,--quick" in complete("mxconvert verify --q")
 
