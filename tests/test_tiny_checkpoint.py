@@ -323,3 +323,24 @@ def test_demo_forward_is_finite_and_the_edge_kind_overflows(tmp_path, demo):
         ref = reference64(hidden[:t], weights, ids, w13, w2, ckpt.activation)
         assert torch.isfinite(out).all() and 0.01 < ref.abs().max() < 10
         assert ((out.double() - ref).norm() / ref.norm()).item() < bound
+
+
+def test_demo_script_passes_on_the_demo_kind_and_flags_the_edge_kind(tmp_path):
+    """scripts/demo_moe.py, as the README's main job runs it (fewer batch sizes): exit 0 with finite
+    outputs on the default checkpoint; exit 1, flagged, on the edge kind's first MoE layer."""
+    from mxconvert.convert import convert
+
+    demo = Path(__file__).resolve().parents[1] / "scripts" / "demo_moe.py"
+    for kind, flags in (("demo", []), ("edge", ["--edge-bytes"])):
+        src, out = tmp_path / kind, tmp_path / f"{kind}-out"
+        subprocess.run([sys.executable, str(SCRIPT), str(src), "--num-hidden-layers", "5", *flags], check=True)
+        convert(model_dir=str(src), out_dir=str(out), progress=False)
+        run = subprocess.run(
+            [sys.executable, str(demo), str(out), "--source", str(src), "--tokens", "1,9"], capture_output=True, text=True
+        )
+        rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith(("| 1 |", "| 9 |"))]
+        assert [r[1] for r in rows] in (["bf16", "w8a8"], ["bf16", "w8a16"]), run.stdout + run.stderr  # by device
+        if kind == "demo":
+            assert run.returncode == 0 and all(0.01 < float(r[2]) < 10 for r in rows), run.stdout
+        else:
+            assert run.returncode == 1 and "TOO LARGE" in run.stdout, run.stdout
