@@ -339,7 +339,8 @@ def test_demo_script_passes_on_the_demo_kind_and_flags_the_edge_kind(tmp_path):
             [sys.executable, str(demo), str(out), "--source", str(src), "--tokens", "1,9"], capture_output=True, text=True
         )
         rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith(("| 1 |", "| 9 |"))]
-        assert [r[1] for r in rows] in (["bf16", "w8a8"], ["bf16", "w8a16"]), run.stdout + run.stderr  # by device
+        paths = [r[1] for r in rows]
+        assert paths in (["bf16", "w8a8"], ["bf16", "w8a16"]), run.stdout + run.stderr  # native: by device
         if kind == "demo":
             assert run.returncode == 0 and all(0.01 < float(r[2]) < 10 for r in rows), run.stdout
         else:
