@@ -335,9 +335,8 @@ def test_demo_script_passes_on_the_demo_kind_and_flags_the_edge_kind(tmp_path):
         src, out = tmp_path / kind, tmp_path / f"{kind}-out"
         subprocess.run([sys.executable, str(SCRIPT), str(src), "--num-hidden-layers", "5", *flags], check=True)
         convert(model_dir=str(src), out_dir=str(out), progress=False)
-        run = subprocess.run(
-            [sys.executable, str(demo), str(out), "--source", str(src), "--tokens", "1,9"], capture_output=True, text=True
-        )
+        command = [sys.executable, str(demo), str(out), "--source", str(src), "--tokens", "1,9"]
+        run = subprocess.run(command, capture_output=True, text=True)
         rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith(("| 1 |", "| 9 |"))]
         paths = [r[1] for r in rows]
         assert paths in (["bf16", "w8a8"], ["bf16", "w8a16"]), run.stdout + run.stderr  # native: by device
