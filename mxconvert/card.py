@@ -42,7 +42,7 @@ def write_model_card(
     source: str,
     source_repo_id: str | None,
     source_revision: str | None,
-    source_card: Path | None,
+    source_card: bytes | Path | None,
     options: dict,
     version: str,
     repo_id: str | None = None,
@@ -55,7 +55,7 @@ def write_model_card(
     """
     out_dir = Path(out_dir)
     config = json.loads((out_dir / "config.json").read_text())
-    quant = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+    quant = fmt.find_quant(config)
     text = render_card(
         quant=quant,
         source=source,
@@ -79,7 +79,7 @@ def render_card(
     source: str,
     source_repo_id: str | None,
     source_revision: str | None,
-    source_card: Path | None,
+    source_card: bytes | Path | None,
     options: dict,
     version: str,
     repo_id: str | None = None,
@@ -128,13 +128,16 @@ def input_fingerprint(source_files: list[dict]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _source_metadata(source_card: Path | None) -> tuple[dict, str]:
-    """Licence and the like from the source card's front matter, and a note for the text when it is unreadable."""
-    if source_card is None or not Path(source_card).is_file():
+def _source_metadata(source_card: bytes | Path | None) -> tuple[dict, str]:
+    """Licence and the like from the source card's front matter (its bytes as the converter read them once),
+    and a note for the text when it is unreadable."""
+    if isinstance(source_card, Path):
+        source_card = source_card.read_bytes() if source_card.is_file() else None
+    if source_card is None:
         return {}, ""
     try:
-        data = ModelCard.load(source_card, ignore_metadata_errors=True).data
-    except (ValueError, yaml.YAMLError) as e:  # YAML that does not parse, or front matter that is not a mapping
+        data = ModelCard(source_card.decode("utf-8", "replace"), ignore_metadata_errors=True).data
+    except (ValueError, yaml.YAMLError, RecursionError) as e:  # YAML that does not parse, or not a mapping
         # A broken source card must not stop a conversion; the card says so instead of dropping it silently.
         return {}, f"The source card's metadata could not be read ({type(e).__name__}): see the source for its licence."
     return {key: data.get(key) for key in COPIED_FROM_SOURCE if data.get(key) is not None}, ""

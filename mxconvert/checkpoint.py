@@ -264,8 +264,7 @@ class SourceCheckpoint:
             value = self.text_config.get(key)
             if value is not None and (type(value) not in (int, float)):
                 raise MxconvertError(path, f"{where}{key} is {value!r}, not a number", fix)
-        quant = self.config.get("quantization_config") or self.text_config.get("quantization_config")
-        quant = quant if isinstance(quant, dict) else {}
+        quant = fmt.find_quant(self.config)
         method = quant.get("quant_method")
         if method not in MXFP8_METHODS:
             raise MxconvertError(

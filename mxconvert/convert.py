@@ -127,7 +127,7 @@ def _write(
         source=source_id.get("repo_id") or source_id["name"],
         source_repo_id=source_id.get("repo_id"),
         source_revision=source_id.get("revision"),
-        source_card=source.real.get(source.dir / fmt.CARD_NAME),
+        source_card=source.card,
         options=options,
         version=__version__,
         source_files=source.fingerprint(),

@@ -40,14 +40,20 @@ DECODER_GROUP = re.compile(
 CONVERTED_NAME = re.compile(rf"^(?P<prefix>.+\.experts)\.(?:{'|'.join(EXPERT_TENSORS)})$")
 
 
-def converted_quant(config: dict) -> dict | None:
-    """A converted config.json's quantization_config (at the top, or under text_config where the source
-    had it), or None if it is not this format's."""
+def find_quant(config: dict) -> dict:
+    """The quantization_config of a config.json: at the top, or under text_config; {} if none."""
     for holder in (config, config.get("text_config")):
         quant = holder.get("quantization_config") if isinstance(holder, dict) else None
-        if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD:
-            return quant if quant.get("format_version") == FORMAT_VERSION else None
-    return None
+        if isinstance(quant, dict):
+            return quant
+    return {}
+
+
+def converted_quant(config: dict) -> dict | None:
+    """A converted config.json's quantization_config, or None if it is not this format and version."""
+    quant = find_quant(config)
+    ok = quant.get("quant_method") == QUANT_METHOD and quant.get("format_version") == FORMAT_VERSION
+    return quant if ok else None
 
 
 def shard_name(index: int, count: int) -> str:

@@ -37,11 +37,12 @@ class ConvertedCheckpoint:
         self.manifest = load_manifest(self.dir)  # refuses a missing manifest or an unknown format_version
         self.config = self._json("config.json")
         self.text_config = self.config.get("text_config", self.config)
-        quant = fmt.converted_quant(self.config)  # at the top, or under text_config where the source had it
-        if quant is None:
+        quant = fmt.find_quant(self.config)  # at the top, or under text_config where the source had it
+        if fmt.converted_quant(self.config) is None:
             raise MxconvertError(
                 self.dir / "config.json",
-                f"quantization_config is not {fmt.QUANT_METHOD!r} format_version {fmt.FORMAT_VERSION}",
+                f"quantization_config is {quant.get('quant_method')!r} format_version "
+                f"{quant.get('format_version')!r}, not {fmt.QUANT_METHOD!r} {fmt.FORMAT_VERSION}",
                 "Convert the checkpoint with this mxconvert version",
             )
         experts = quant["experts"]

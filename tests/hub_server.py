@@ -95,6 +95,8 @@ class HubServer:
         self.repos: dict[str, dict] = {}  # repo id -> {"owner", "private", "branches": {name: oid}, "commits"}
         self.lfs: dict[str, bytes] = {}  # sha256 -> bytes
         self.requests: list[tuple[str, str]] = []
+        self.served: list[tuple[str, int]] = []  # (file, bytes sent) of each download or range read
+        self.roles: dict[str, str] = {}  # token -> "read" (default "write")
         self.faults: list[dict] = []
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -222,6 +224,9 @@ def _handler(hub: HubServer):
         def do_PUT(self):
             self._serve("PUT")
 
+        def do_HEAD(self):
+            self._serve("HEAD")
+
         def _body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 chunks = []
@@ -253,6 +258,9 @@ def _handler(hub: HubServer):
                         headers = {"X-Error-Message": fault["message"], **fault["headers"]}
                         return self._reply(fault["status"], {"error": fault["message"]}, headers)
                 try:
+                    m = re.match(rf"^/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", url.path)
+                    if m and method in ("GET", "HEAD"):
+                        return self.resolve(method, unquote(m["repo"]), unquote(m["rev"]), unquote(m["path"]))
                     for route_method, pattern, fn in ROUTES:
                         m = re.match(pattern, url.path)
                         if m and route_method == method:
@@ -288,6 +296,43 @@ def _handler(hub: HubServer):
             if revision not in repo["branches"]:
                 raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             return revision
+
+        # ---- downloads: what hf_hub_download and a header range read ask for
+        def resolve(self, method: str, repo_id: str, rev: str, path: str) -> None:
+            r = self.repo(repo_id)
+            if r.get("gated") and self.user(required=False) not in r.get("granted", ()):
+                raise HubError(403, f"Access to model {repo_id} is restricted", "GatedRepo")
+            oid = r["branches"].get(rev) or (rev if rev in r["commits"] else None)
+            if oid is None:
+                raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+            f = r["commits"][oid]["files"].get(path)
+            if f is None:
+                raise HubError(404, f"{path} does not exist", "EntryNotFound")
+            data = hub.lfs[f["lfs"]] if f["lfs"] else f["content"]
+            etag = f["lfs"] or git_blob_id(data)
+            headers = {"ETag": f'"{etag}"', "X-Repo-Commit": oid, "Accept-Ranges": "bytes"}
+            status, body = 200, data
+            ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if ranged:
+                begin = int(ranged[1])
+                end = min(int(ranged[2]) if ranged[2] else len(data) - 1, len(data) - 1)
+                status, body = 206, data[begin : end + 1]
+                headers["Content-Range"] = f"bytes {begin}-{end}/{len(data)}"
+            hub.served.append((path, len(body)))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if method == "GET":
+                self.wfile.write(body)
+
+        def whoami(self, body, query):
+            user = self.user()
+            token = self.headers["Authorization"][len("Bearer ") :]
+            role = hub.roles.get(token, "write")
+            return {"type": "user", "name": user, "orgs": [], "auth": {"accessToken": {"role": role}}}
 
         # ---- endpoints
         def create_repo(self, body, query):
@@ -415,5 +460,6 @@ def _handler(hub: HubServer):
         ("PUT", r"^/lfs/(?P<oid>[0-9a-f]{64})$", Handler.lfs_put),
         ("POST", r"^/lfs/(?P<oid>[0-9a-f]{64})/verify$", Handler.lfs_verify),
         ("POST", r"^/api/validate-yaml$", Handler.validate_yaml),
+        ("GET", r"^/api/whoami-v2$", Handler.whoami),
     ]
     return Handler
