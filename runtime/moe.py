@@ -18,6 +18,7 @@ from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8, moe_exper
 from mxconvert.kernels.moe_gemm import dequantized_weights
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.layout import dequantize_bf16, unpack_scales
+from mxconvert.runtime.bands import bf16_band_empty
 
 log = logging.getLogger(__name__)
 DEQUANT_EXPERTS = 8  # experts dequantized per step on a GPU (bounds the temporaries)
@@ -87,10 +88,25 @@ def triton_runs(device: torch.device) -> bool:
     return device.type == "cuda" or type(_fused_moe_kernel).__name__ == "InterpretedFunction"
 
 
+def needs_bf16(bf16_max_tokens: int, bf16_min_tokens: int, *, storage: str = fmt.DUAL, expert_parallel=False) -> bool:
+    """Whether a layer with these bands keeps BF16 experts: some batch size takes them (or it can run
+    nothing else). The loader can ask this before deriving BF16 copies of native_only weights."""
+    if storage == fmt.BF16_ONLY or expert_parallel or bf16_max_tokens + 1 >= bf16_min_tokens:
+        return True
+    return not bf16_band_empty(bf16_max_tokens, bf16_min_tokens)
+
+
+def max_scale_byte(*scales: torch.Tensor) -> int:
+    """The largest E8M0 byte of the scale tensors (one host sync: at load, not per forward)."""
+    return max(int(s.max()) for s in scales if s is not None and s.numel())
+
+
 class MoELayer:
     """forward(hidden [T, H] BF16, topk_weights [T, k], topk_ids [T, k] global ids) -> [T, H] BF16.
 
     On one rank of several (TP or EP) the output is that rank's partial sum: all-reduce it over ranks.
+    A layer holds only what its bands use: with an empty BF16 band (bands.bf16_band_empty) it keeps FP8
+    weights and scales alone, drops BF16 copies it was given and derives none.
     """
 
     def __init__(
@@ -117,7 +133,12 @@ class MoELayer:
         )
         if self.native and not weights.has_native:
             raise MxconvertError("MoELayer", f"{weights.storage} weights without FP8 copies", "load them (native=True)")
-        if not weights.has_bf16:
+        self.uses_bf16 = needs_bf16(
+            bf16_max_tokens, bf16_min_tokens, storage=weights.storage, expert_parallel=self.expert_parallel
+        )
+        if not self.uses_bf16:  # never used: free BF16 copies
+            weights.w13_bf16 = weights.w2_bf16 = None
+        elif not weights.has_bf16:
             if not weights.has_native:
                 raise MxconvertError("MoELayer", "weights hold neither BF16 nor FP8 experts", "load the layer")
             weights.w13_bf16, weights.w2_bf16 = bf16_copies(
@@ -125,14 +146,24 @@ class MoELayer:
             )
         if not self.native:  # never used: free the FP8 copies
             weights.w13 = weights.w13_scale = weights.w2 = weights.w2_scale = None
+        # The fast NVIDIA dequantization routes decode scale bytes up to 143 (moe_gemm.MAX_SCALE_BYTE)
+        self.dequant = "auto"
+        if self.native and self.native_mode == "w8a16" and max_scale_byte(weights.w13_scale, weights.w2_scale) > 143:
+            self.dequant = "fp32"
         self.triton = triton_runs(self.device)
         self.last_path: str | None = None
 
     def path_for(self, num_tokens: int) -> str:
         """'bf16', 'w8a8' or 'w8a16': the path a batch of num_tokens takes."""
-        if not self.native or num_tokens <= self.bf16_max_tokens or num_tokens >= self.bf16_min_tokens:
+        if not self.native:
+            return "bf16"
+        if self.uses_bf16 and (num_tokens <= self.bf16_max_tokens or num_tokens >= self.bf16_min_tokens):
             return "bf16"
         return self.native_mode
+
+    def resident_bytes(self) -> int:
+        """Bytes of expert tensors this layer holds (FP8, scales, BF16 copies)."""
+        return self.weights.nbytes()
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         path = self.path_for(hidden.shape[0])
@@ -163,6 +194,7 @@ class MoELayer:
             w2_scale=w.w2_scale,
             activation=self.activation,
             mode=path,
+            dequant=self.dequant,
         )
 
     __call__ = forward

@@ -3,11 +3,13 @@ storage, TP slices summed over ranks, EP; the router and the bands table."""
 
 import pytest
 import torch
-from runtime_helpers import BF16_ONLY, DUAL, inputs, reference64, rel_err, source_experts
+from runtime_helpers import BF16_ONLY, DUAL, PLANTED, inputs, reference64, rel_err, source_experts
 
 from mxconvert.kernels.config import fp8_format
 from mxconvert.kernels.moe import capture_cuda_graph, moe_experts_reference
-from mxconvert.runtime.bands import bands_for
+from mxconvert import format as fmt
+from mxconvert.runtime import moe as runtime_moe
+from mxconvert.runtime.bands import NEVER, bands_for
 from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer
 from mxconvert.runtime.router import route
 
@@ -69,6 +71,53 @@ def test_bf16_only_layer(ckpts, source, device):
 def test_empty_band_frees_fp8(ckpts, device):
     layer = load_moe_layer(ConvertedCheckpoint(ckpts["dual"]), DUAL, device=device, bands=(8, 9))
     assert not layer.native and layer.weights.w13 is None and layer.weights.w2_scale is None
+
+
+def _native_weights(c, prefix, device):
+    """The FP8 tensors of one group read as they are on disk (no BF16 derived), like a native_only load."""
+    got = {sfx: c.read(f"{prefix}.{sfx}", device=device) for sfx in fmt.NATIVE_TENSORS}
+    return runtime_moe.ExpertWeights(
+        got["w13_weight"], got["w13_weight_scale"], got["w2_weight"], got["w2_weight_scale"], None, None,
+        storage=fmt.NATIVE_ONLY,
+    )  # fmt: skip
+
+
+def test_empty_bf16_band_allocates_no_bf16(ckpts, source, device, monkeypatch):
+    # --bf16 derive and an empty BF16 band: the layer derives nothing, holds FP8 + scales only, runs native
+    w = _native_weights(ConvertedCheckpoint(ckpts["derive"]), DUAL, device)
+    fp8_bytes = w.nbytes()
+    monkeypatch.setattr(runtime_moe, "bf16_copies", lambda *a: pytest.fail("BF16 copies derived"))
+    before = torch.cuda.memory_allocated() if ON_GPU else 0
+    layer = runtime_moe.MoELayer(w, bf16_max_tokens=0, bf16_min_tokens=NEVER, native_mode="w8a16")
+    assert not layer.uses_bf16 and not layer.weights.has_bf16 and layer.resident_bytes() == fp8_bytes
+    if ON_GPU:
+        assert torch.cuda.memory_allocated() == before
+    for t in (1, 3, 9):
+        assert layer.path_for(t) == "w8a16"
+        x, wt, ids = inputs(t, seed=50 + t, device=device)
+        assert rel_err(layer(x, wt, ids), reference64(x, wt, ids, *source[DUAL])) < TOL["w8a16"]
+
+
+def test_empty_bf16_band_drops_given_bf16(ckpts, device):
+    # a dual layer with an empty BF16 band keeps its FP8 tensors and lets the BF16 copies go
+    layer = load_moe_layer(ConvertedCheckpoint(ckpts["dual"]), DUAL, device=device, bands=(0, NEVER))
+    w = layer.weights
+    assert layer.native and w.w13_bf16 is None and w.w2_bf16 is None and w.has_native
+    assert layer.resident_bytes() == sum(t.nbytes for t in (w.w13, w.w13_scale, w.w2, w.w2_scale))
+    assert layer.path_for(1) == layer.path_for(1 << 20) == layer.native_mode
+
+
+def test_needs_bf16():
+    assert not runtime_moe.needs_bf16(0, NEVER)
+    assert runtime_moe.needs_bf16(0, 4096) and runtime_moe.needs_bf16(8, NEVER)
+    assert runtime_moe.needs_bf16(0, NEVER, storage=fmt.BF16_ONLY)
+    assert runtime_moe.needs_bf16(0, NEVER, expert_parallel=True)
+
+
+def test_large_scale_bytes_take_the_exact_route(ckpts, device):
+    # the planted layer holds scale byte 253, past what the one-multiply NVIDIA routes decode (143)
+    layer = load_moe_layer(ConvertedCheckpoint(ckpts["dual"]), PLANTED, device=device, bands=BANDS)
+    assert layer.native and layer.dequant == ("fp32" if layer.native_mode == "w8a16" else "auto")
 
 
 @pytest.mark.parametrize("t", [1, 4])  # BF16 and native
