@@ -77,24 +77,37 @@ def read_header(path: Path, *, subject=None, fix: str = "Re-download this file")
     """A safetensors header, parsed strictly and checked as safetensors would: (tensor entries, data
     start offset, raw header bytes). `path` is opened; errors name `subject` (the path by default)."""
     subject = path if subject is None else subject
-    size_on_disk = check_regular(path, subject, fix=fix).st_size
+    return parse_header(*read_head(path, subject, fix=fix), subject=subject, fix=fix)
+
+
+def read_head(path: Path, subject, *, fix: str) -> tuple[bytes, int]:
+    """A regular file's first bytes (the 8-byte header length and that many more) and its size."""
+    size = check_regular(path, subject, fix=fix).st_size
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise MxconvertError(subject, "file is shorter than a safetensors header", fix)
-            (size,) = struct.unpack("<Q", head)
-            if size > MAX_HEADER or size > size_on_disk - 8:
-                raise MxconvertError(subject, f"header length {size} is corrupt or the file is truncated", fix)
-            raw = f.read(size)
+            raw = f.read(8)
+            if len(raw) == 8:
+                raw += f.read(min(struct.unpack("<Q", raw)[0], MAX_HEADER + 1))
     except OSError as e:
         raise MxconvertError(subject, f"cannot read the safetensors header ({e.strerror})", fix) from None
+    return raw, size
+
+
+def parse_header(raw: bytes, size: int, *, subject, fix: str = "Re-download this file") -> tuple[dict, int, bytes]:
+    """The header of a safetensors file of `size` bytes whose first bytes are `raw` (the 8-byte length and
+    at least that many more): (tensor entries, data start offset, raw header JSON)."""
+    if len(raw) < 8 or size < 8:
+        raise MxconvertError(subject, "file is shorter than a safetensors header", fix)
+    (length,) = struct.unpack("<Q", raw[:8])
+    if length > MAX_HEADER or length > size - 8 or len(raw) < 8 + length:
+        raise MxconvertError(subject, f"header length {length} is corrupt or the file is truncated", fix)
+    raw = raw[8 : 8 + length]
     header = parse_json(raw, subject, fix=fix, what="safetensors header is")
     if not isinstance(header, dict):
         raise MxconvertError(subject, "safetensors header is not a JSON object", fix)
     header.pop("__metadata__", None)
-    _check_layout(subject, header, size_on_disk - 8 - size, fix)
-    return header, 8 + size, raw
+    _check_layout(subject, header, size - 8 - length, fix)
+    return header, 8 + length, raw
 
 
 def _entry_ok(entry) -> bool:
@@ -154,13 +167,9 @@ def moe_layers(text_config: dict) -> list[int] | None:
     return None
 
 
-class SourceCheckpoint:
-    """A local MXFP8 checkpoint directory, read once and strictly: config, index, shard headers, side
-    files and card, the expert name table, and raw tensor bytes on demand.
-
-    Files may be links (a Hugging Face cache snapshot links into its own `blobs/`), but a link that
-    leaves the directory (or that cache) is refused by name, and only regular files are read.
-    """
+class LocalFiles:
+    """A checkpoint directory's files, each opened only if it is a regular file inside it (or inside its
+    Hugging Face cache's blobs/, where a snapshot's links point); other links are refused by name."""
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
@@ -171,7 +180,61 @@ class SourceCheckpoint:
         blobs = root.parent.parent / "blobs"  # a Hub cache snapshot: models--org--name/snapshots/<rev>/
         self._roots = (root, blobs) if root.parent.name == "snapshots" and blobs.is_dir() else (root,)
         self.real: dict[Path, Path] = {}  # each input as named -> the file it really is
-        self.config_bytes = self._read_small(
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self.dir / name)
+
+    def _input(self, name: str, *, missing_fix: str = REDOWNLOAD) -> Path:
+        """The real path of input `name`: a regular file inside the source (or its Hub cache blobs)."""
+        path = self.dir / name
+        if not os.path.lexists(path):
+            raise MxconvertError(path, "is missing", missing_fix)
+        real = path.resolve()
+        if os.path.islink(path) and not any(real == r or r in real.parents for r in self._roots):
+            raise MxconvertError(path, f"is a link to {real}, outside the source directory", LINK_FIX)
+        check_regular(real, path, fix=REDOWNLOAD)
+        self.real[path] = real
+        return real
+
+    def read_small(self, name: str, *, missing_fix: str = REDOWNLOAD) -> bytes:
+        real = self._input(name, missing_fix=missing_fix)
+        try:
+            return real.read_bytes()
+        except OSError as e:
+            raise MxconvertError(self.dir / name, f"cannot be read ({e.strerror})", REDOWNLOAD) from None
+
+    def header(self, name: str) -> tuple[bytes, int]:
+        """A weight file's first bytes (its header) and its size."""
+        return read_head(self._input(name), self.dir / name, fix=REDOWNLOAD)
+
+    def size(self, name: str) -> int:
+        return os.stat(self.real[self.dir / name]).st_size
+
+    def side_file_names(self) -> list[str]:
+        """Tokenizer, templates, code and licence files beside the weights; directories are not copied."""
+        names = []
+        for path in sorted(self.dir.iterdir()):
+            if is_side_file(path.name) and not stat.S_ISDIR(os.lstat(path).st_mode):
+                names.append(path.name)
+        return names
+
+    def open(self, name: str) -> int:
+        return os.open(self.real[self.dir / name], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+
+
+def is_side_file(name: str) -> bool:
+    return name not in NOT_SIDE_FILES and any(fnmatch.fnmatchcase(name, pat) for pat in SIDE_FILES)
+
+
+class SourceCheckpoint:
+    """An MXFP8 checkpoint, read once and strictly: config, index, shard headers, side files and card,
+    the expert name table, and raw tensor bytes on demand. `files` is a local directory (LocalFiles), or
+    a Hub repo read through its headers alone (hub.HubFiles, for --dry-run: no tensor bytes)."""
+
+    def __init__(self, files):
+        self.files = files if hasattr(files, "header") else LocalFiles(files)
+        self.dir = self.files.dir
+        self.config_bytes = self.files.read_small(
             "config.json", missing_fix="Pass the directory of a Hugging Face checkpoint"
         )
         self.config = parse_json(self.config_bytes, self.dir / "config.json", fix="Re-download it")
@@ -179,12 +242,12 @@ class SourceCheckpoint:
             raise MxconvertError(self.dir / "config.json", "is not a JSON object", "Re-download it")
         self.text_config = self.config.get("text_config", self.config)
         self.quant_config = self._check_config()
-        self.index_bytes = self._read_small(fmt.INDEX_NAME) if self._exists(fmt.INDEX_NAME) else None
+        self.index_bytes = self.files.read_small(fmt.INDEX_NAME) if self.files.exists(fmt.INDEX_NAME) else None
         self.shards = self._shard_files()
         self.header_sha256: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
-            header, start, raw = read_header(self.real[shard], subject=shard)
+            header, start, raw = parse_header(*self.files.header(shard.name), subject=shard)
             self.header_sha256[shard.name] = hashlib.sha256(raw).hexdigest()
             for name, entry in header.items():
                 if name in self.tensors:
@@ -201,50 +264,14 @@ class SourceCheckpoint:
                                  "holds no tensors", REDOWNLOAD)  # fmt: skip
         self.groups = self._expert_groups()
         self._check_moe_layers()
-        self.side_files = {name: self._read_small(name) for name in self._side_file_names()}
-        self.card = self._read_small(fmt.CARD_NAME) if self._exists(fmt.CARD_NAME) else None
+        self.side_files = {name: self.files.read_small(name) for name in self.files.side_file_names()}
+        self.card = self.files.read_small(fmt.CARD_NAME) if self.files.exists(fmt.CARD_NAME) else None
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()  # reads come from several threads
 
-    # Opening inputs -----------------------------------------------------------------------------------
-
-    def _exists(self, name: str) -> bool:
-        return os.path.lexists(self.dir / name)
-
-    def _input(self, name: str, *, missing_fix: str = REDOWNLOAD) -> Path:
-        """The real path of input `name`: a regular file inside the source (or its Hub cache blobs)."""
-        path = self.dir / name
-        if not os.path.lexists(path):
-            raise MxconvertError(path, "is missing", missing_fix)
-        real = path.resolve()
-        if os.path.islink(path) and not any(real == r or r in real.parents for r in self._roots):
-            raise MxconvertError(path, f"is a link to {real}, outside the source directory", LINK_FIX)
-        check_regular(real, path, fix=REDOWNLOAD)
-        self.real[path] = real
-        return real
-
-    def _read_small(self, name: str, *, missing_fix: str = REDOWNLOAD) -> bytes:
-        real = self._input(name, missing_fix=missing_fix)
-        try:
-            return real.read_bytes()
-        except OSError as e:
-            raise MxconvertError(self.dir / name, f"cannot be read ({e.strerror})", REDOWNLOAD) from None
-
-    def _side_file_names(self) -> list[str]:
-        """Tokenizer, templates, code and licence files beside the weights; directories are not copied."""
-        names = []
-        for path in sorted(self.dir.iterdir()):
-            name = path.name
-            if name in NOT_SIDE_FILES or not any(fnmatch.fnmatchcase(name, pat) for pat in SIDE_FILES):
-                continue
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                continue
-            names.append(name)
-        return names
-
     def input_paths(self) -> list[Path]:
         """Every file this source reads, as it really is (links resolved): OUT_DIR must hold none."""
-        return sorted(set(self.real.values()))
+        return sorted(set(getattr(self.files, "real", {}).values()))
 
     # Checking what was read ---------------------------------------------------------------------------
     def _check_config(self) -> dict:
@@ -305,16 +332,15 @@ class SourceCheckpoint:
         weight_map = self._weight_map()
         if weight_map is not None:
             names = sorted(set(weight_map.values()))
-        elif self._exists(SINGLE_NAME):
+        elif self.files.exists(SINGLE_NAME):
             names = [SINGLE_NAME]
         else:
             raise MxconvertError(
                 self.dir, f"has neither {fmt.INDEX_NAME} nor {SINGLE_NAME}", "Pass a safetensors checkpoint"
             )
         for name in names:
-            if not self._exists(name):
+            if not self.files.exists(name):
                 raise MxconvertError(self.dir / name, f"is named in {fmt.INDEX_NAME} but missing", REDOWNLOAD)
-            self._input(name)
         return [self.dir / name for name in names]
 
     def _check_index(self) -> None:
@@ -388,7 +414,7 @@ class SourceCheckpoint:
     def _fd(self, path: Path) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(self.real[path], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                self._fds[path] = self.files.open(path.name)
             return self._fds[path]
 
     def read(
@@ -418,7 +444,7 @@ class SourceCheckpoint:
         """What identifies the input, cheaply: each weight file's size and header sha256 (no tensor bytes),
         and the sha256 of config.json, the index, the card and each side file (as read, once)."""
         files = [
-            {"name": s.name, "size": os.stat(self.real[s]).st_size, "header_sha256": self.header_sha256[s.name]}
+            {"name": s.name, "size": self.files.size(s.name), "header_sha256": self.header_sha256[s.name]}
             for s in self.shards
         ]
         small = {"config.json": self.config_bytes, fmt.INDEX_NAME: self.index_bytes, fmt.CARD_NAME: self.card}

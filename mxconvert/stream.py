@@ -189,6 +189,7 @@ def stream_shards(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "converting",
+    workers: int = WORKERS,
 ) -> dict[str, str]:
     """Stream every tensor of the `todo` shards into place (ShardWriter) or against what is there
     (ShardChecker, for verify); returns each shard's sha256 and calls on_finished(name, size, sha256).
@@ -210,7 +211,7 @@ def stream_shards(
     hashes, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over experts instead: no oversubscription of small ops
     with (
-        ThreadPoolExecutor(WORKERS) as pool,
+        ThreadPoolExecutor(workers) as pool,
         ThreadPoolExecutor(1) as finisher,
         tqdm(total=sum(s.nbytes for s in todo), unit="B", unit_scale=True, desc=desc, disable=None if progress else True) as bar,
     ):
@@ -232,7 +233,7 @@ def stream_shards(
                 elif t.group.prefix in kinds:
                     group_kinds = kinds.pop(t.group.prefix)
                     write_group(
-                        source, t.group, sink, device=device, pool=pool, in_flight=WORKERS + 1, kinds=group_kinds
+                        source, t.group, sink, device=device, pool=pool, in_flight=workers + 1, kinds=group_kinds
                     )
                     _release_freed_memory()
                 for done in [f for f in finishing if f.done()]:

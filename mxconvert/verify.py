@@ -24,6 +24,8 @@ from .plan import make_plan, parse_size
 from .stream import WORKERS, stream_shards
 from .writer import CONVERT_AGAIN, ShardChecker
 
+READERS = 2 * WORKERS  # reads of the output block on the disk where the converter's writes did not
+
 
 def verify(*, out_dir: Path, source: Path | None = None, full: bool = True, progress: bool = False) -> dict:
     """Check a converted directory; raise MxconvertError naming the first difference. Returns the manifest.
@@ -213,7 +215,7 @@ def _compare_with_source(out_dir: Path, manifest: dict, source_dir: Path, *, pro
                 raise MxconvertError(out_dir / name, "sha256 differs from the manifest", CONVERT_AGAIN)
 
         stream_shards(src, plan, out_dir, plan.shards, on_finished=finished, shard_type=ShardChecker,
-                      progress=progress, desc="verifying")  # fmt: skip
+                      progress=progress, desc="verifying", workers=READERS)  # fmt: skip
         for name in want - {s.name for s in plan.shards}:
             if sha256_file(out_dir / name) != listed[name]["sha256"]:
                 raise MxconvertError(out_dir / name, "sha256 differs from the manifest", CONVERT_AGAIN)

@@ -35,10 +35,12 @@ convert(model_dir=sys.argv[1], out_dir=sys.argv[2], bf16=sys.argv[3], max_shard_
         force=True, progress=False)
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print("BENCH_IO " + json.dumps({k: int(v) for k, v in io.items()}))
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
 VERIFY_CHILD = """import sys
 from mxconvert.verify import verify
 verify(out_dir=sys.argv[1], source=sys.argv[2] if sys.argv[2] != "-" else None, full=True)
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
 
 
@@ -127,7 +129,14 @@ def run_child(cmd: list[str], what: str) -> tuple[float, dict, str]:
         text = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"bench_convert: {what} failed:\n{text[-4000:]}")
-    return seconds, {"peak_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": usage.ru_utime + usage.ru_stime}, text
+    return seconds, {"peak_rss_bytes": _hwm(text), "cpu_s": usage.ru_utime + usage.ru_stime}, text
+
+
+def _hwm(text: str) -> int:
+    """The child's own peak RSS, as it printed it (VmHWM: ru_maxrss would keep this script's peak across
+    fork and exec, and this script holds the generated checkpoint's buffers)."""
+    line = next(line for line in text.splitlines() if line.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
 
 
 def run_verify(out: Path, src: Path | None) -> dict:
@@ -171,7 +180,7 @@ def run_conversion(src: Path, out: Path, *, bf16: str, max_shard_size: str, via:
     io = next((json.loads(line[9:]) for line in text.splitlines() if line.startswith("BENCH_IO ")), {})
     return {
         "wall_s": seconds,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_rss_bytes": _hwm(text) if "VmHWM" in text else usage.ru_maxrss * 1024,
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "proc_io": io,
     }
