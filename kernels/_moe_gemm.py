@@ -208,6 +208,126 @@ def _dot(x, y, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_a(a_ptr, offs, mask, K, stride_as, alpha, beta, limit, A_SWIGLU: tl.constexpr, A_SPLIT: tl.constexpr,
+            UPCAST: tl.constexpr):  # fmt: skip
+    # The A tile at element offsets offs of a [rows, K] matrix. A_SWIGLU: A = SwiGLU-OAI(y1) computed here from
+    # y1 [P, 2K] (gate | up; BF16, or A_SPLIT fp32 partials [A_SPLIT, P, 2K] summed and rounded to BF16 first),
+    # rounded to BF16 as quant.swiglu_oai stores it: the activation kernel's launch folded into GEMM2.
+    if A_SWIGLU:
+        g = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(a_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
+        if A_SPLIT > 1:
+            for s in tl.static_range(1, A_SPLIT):
+                g += tl.load(a_ptr + s * stride_as + offs, mask=mask, other=0.0)
+                u += tl.load(a_ptr + s * stride_as + offs + K, mask=mask, other=0.0)
+            g = _to_bf16(g, UPCAST).to(tl.float32)
+            u = _to_bf16(u, UPCAST).to(tl.float32)
+        gate = tl.minimum(g, limit)
+        up = tl.minimum(tl.maximum(u, -limit), limit)
+        return _to_bf16(gate / (1.0 + tl.exp(-alpha * gate)) * (up + beta), UPCAST)
+    else:
+        return tl.load(a_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am, stride_asm, stride_as,
+            stride_bn, stride_bsg, alpha, beta, limit, MODE: tl.constexpr, SCALE_SHIFT: tl.constexpr,
+            SWAP_AB: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr,
+            A_SWIGLU: tl.constexpr, A_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    # One BLOCK_K step of the accumulation (see the module docstring for the modes).
+    G: tl.constexpr = BLOCK_K // 32
+    if MODE == 2:
+        # W8A8: per 32-group FP8 dot, then both scales in fp32 (a scale may not cross groups).
+        for g in tl.static_range(G):
+            kk = k0 + g * 32 + tl.arange(0, 32)
+            k_ok = (kk < K) | EVEN_K
+            grp = tl.minimum(k0 // 32 + g, K // 32 - 1)  # past K: any scale, the values are masked to 0
+            sa = _e8m0(tl.load(as_ptr + rows * stride_asm + grp, mask=row_ok, other=127), 0)
+            sb = _e8m0(tl.load(bs_base + grp * stride_bsg + offs_n, mask=n_ok, other=127), SCALE_SHIFT)
+            if SWAP_AB:
+                a = tl.load(
+                    a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
+                )
+                b = tl.load(
+                    b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
+                )
+                acc += tl.dot(b, a) * (sb[:, None] * sa[None, :])
+            else:
+                a = tl.load(
+                    a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+                )
+                b = tl.load(
+                    b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
+                )
+                acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (kk < K) | EVEN_K  # EVEN_K: no K tail, so no mask for the compiler to keep
+        gg = k0 // 32 + tl.arange(0, G)
+        if SWAP_AB:
+            a = _load_a(a_ptr, rows[None, :] * stride_am + kk[:, None], row_ok[None, :] & k_ok[:, None], K, stride_as,
+                        alpha, beta, limit, A_SWIGLU, A_SPLIT, UPCAST)  # fmt: skip
+            b = tl.load(
+                b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            if MODE == 1:
+                b = _w8a16_tile(
+                    b,
+                    bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
+                    n_ok[:, None] & (gg[None, :] < K // 32),
+                    b.shape[0],
+                    BLOCK_K,
+                    SCALE_SHIFT,
+                    DEQUANT,
+                    UPCAST,
+                    1,
+                )
+            acc = _dot(b, a, acc, UPCAST)
+        else:
+            a = _load_a(a_ptr, rows[:, None] * stride_am + kk[None, :], row_ok[:, None] & k_ok[None, :], K, stride_as,
+                        alpha, beta, limit, A_SWIGLU, A_SPLIT, UPCAST)  # fmt: skip
+            b = tl.load(
+                b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
+            )
+            if MODE == 1:
+                b = _w8a16_tile(
+                    b,
+                    bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
+                    n_ok[None, :] & (gg[:, None] < K // 32),
+                    BLOCK_K,
+                    b.shape[1],
+                    SCALE_SHIFT,
+                    DEQUANT,
+                    UPCAST,
+                    0,
+                )
+            acc = _dot(a, b, acc, UPCAST)
+    return acc
+
+
+@triton.jit
+def _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIGHT: tl.constexpr,
+             SWAP_AB: tl.constexpr, UPCAST: tl.constexpr, FP32_OUT: tl.constexpr):  # fmt: skip
+    # (* top-k weight) and store: BF16, or fp32 split-K partials.
+    if SWAP_AB:
+        if MUL_WEIGHT:
+            acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + pairs[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+        if FP32_OUT:
+            tl.store(c_ptrs, acc, mask=row_ok[None, :] & n_ok[:, None])
+        else:
+            tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[None, :] & n_ok[:, None])
+    else:
+        if MUL_WEIGHT:
+            acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        c_ptrs = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        if FP32_OUT:
+            tl.store(c_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+        else:
+            tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _fused_moe_kernel(
     a_ptr,
     as_ptr,
@@ -221,13 +341,18 @@ def _fused_moe_kernel(
     N,
     K,
     P,
+    E,
     stride_am,
     stride_asm,
+    stride_as,
     stride_be,
     stride_bn,
     stride_bse,
     stride_bsg,
     stride_cm,
+    alpha,
+    beta,
+    limit,
     A_DIV: tl.constexpr,
     MODE: tl.constexpr,
     SCALE_SHIFT: tl.constexpr,
@@ -237,16 +362,26 @@ def _fused_moe_kernel(
     EVEN_K: tl.constexpr,
     DEQUANT: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    N_TILES: tl.constexpr,
+    DIRECT: tl.constexpr,
+    A_SWIGLU: tl.constexpr,
+    A_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Shape legend: P pairs, N out, K in, G = K / 32; A [P / A_DIV, K], B [E, N, K], C [P, N]
-    # (SPLIT_K > 1: fp32 C [SPLIT_K, P, N]).
+    # (SPLIT_K > 1: fp32 C [SPLIT_K, P, N]). DIRECT: no alignment; program row block m is pair m alone and
+    # expert_ids_ptr the flat top-k ids (decode: skips the alignment launch; pairs sharing an expert stream
+    # its weights once each). N_TILES: consecutive N tiles per program in one flat loop, so the software
+    # pipeline runs on across tiles (short K: GEMM2).
     pid = tl.program_id(0)
-    num_m = tl.cdiv(tl.load(num_post_pad_ptr), BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    if DIRECT:
+        num_m = P
+    else:
+        num_m = tl.cdiv(tl.load(num_post_pad_ptr), BLOCK_M)
+    num_n = tl.cdiv(tl.cdiv(N, BLOCK_N), N_TILES)
     in_group = GROUP_M * num_n
     first_m = (pid // in_group) * GROUP_M
     group_m = tl.minimum(num_m - first_m, GROUP_M)
@@ -255,12 +390,17 @@ def _fused_moe_kernel(
     pid_m = first_m + (pid % in_group) % group_m
     pid_n = (pid % in_group) // group_m
 
-    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = pairs < P
+    if DIRECT:
+        pairs = pid_m + tl.zeros((BLOCK_M,), tl.int32)
+        row_ok = tl.arange(0, BLOCK_M) == 0
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (expert < 0) | (expert >= E):
+            return  # an expert held elsewhere: the row stays unwritten
+    else:
+        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = pairs < P
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     rows = tl.where(row_ok, pairs // A_DIV, 0)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     b_base = b_ptr + expert * stride_be
     bs_base = bs_ptr + expert * stride_bse
 
@@ -268,105 +408,33 @@ def _fused_moe_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    G: tl.constexpr = BLOCK_K // 32
     k_lo = 0
     k_hi = K
-    if SPLIT_K > 1:  # this program's K slice, whole BLOCK_K steps
+    if SPLIT_K > 1:  # this program's K slice, whole BLOCK_K steps; fp32 partials
         per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
         k_lo = tl.program_id(1) * per
         k_hi = tl.minimum(k_lo + per, K)
-
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if MODE == 2:
-            # W8A8: per 32-group FP8 dot, then both scales in fp32 (a scale may not cross groups).
-            for g in tl.static_range(G):
-                kk = k0 + g * 32 + tl.arange(0, 32)
-                k_ok = (kk < K) | EVEN_K
-                grp = tl.minimum(k0 // 32 + g, K // 32 - 1)  # past K: any scale, the values are masked to 0
-                sa = _e8m0(tl.load(as_ptr + rows * stride_asm + grp, mask=row_ok, other=127), 0)
-                sb = _e8m0(tl.load(bs_base + grp * stride_bsg + offs_n, mask=n_ok, other=127), SCALE_SHIFT)
-                if SWAP_AB:
-                    a = tl.load(
-                        a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
-                    )
-                    b = tl.load(
-                        b_base + offs_n[:, None] * stride_bn + kk[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    )
-                    part = tl.dot(b, a)
-                    acc += part * (sb[:, None] * sa[None, :])
-                else:
-                    a = tl.load(
-                        a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-                    )
-                    b = tl.load(
-                        b_base + offs_n[None, :] * stride_bn + kk[:, None],
-                        mask=n_ok[None, :] & k_ok[:, None],
-                        other=0.0,
-                    )
-                    part = tl.dot(a, b)
-                    acc += part * (sa[:, None] * sb[None, :])
-        else:
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = (kk < K) | EVEN_K  # EVEN_K: no K tail, so no mask for the compiler to keep
-            gg = k0 // 32 + tl.arange(0, G)
-            if SWAP_AB:
-                a = tl.load(
-                    a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
-                )
-                b = tl.load(
-                    b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                if MODE == 1:
-                    b = _w8a16_tile(
-                        b,
-                        bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
-                        n_ok[:, None] & (gg[None, :] < K // 32),
-                        BLOCK_N,
-                        BLOCK_K,
-                        SCALE_SHIFT,
-                        DEQUANT,
-                        UPCAST,
-                        1,
-                    )
-                acc = _dot(b, a, acc, UPCAST)
-            else:
-                a = tl.load(
-                    a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                b = tl.load(
-                    b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
-                )
-                if MODE == 1:
-                    b = _w8a16_tile(
-                        b,
-                        bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
-                        n_ok[None, :] & (gg[:, None] < K // 32),
-                        BLOCK_K,
-                        BLOCK_N,
-                        SCALE_SHIFT,
-                        DEQUANT,
-                        UPCAST,
-                        0,
-                    )
-                acc = _dot(a, b, acc, UPCAST)
-
-    if SPLIT_K > 1:  # fp32 partials; the consumer sums the slices
         c_ptr += tl.program_id(1).to(tl.int64) * P * stride_cm
-    if SWAP_AB:
-        if MUL_WEIGHT:
-            acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + pairs[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-        if SPLIT_K > 1:
-            tl.store(c_ptrs, acc, mask=row_ok[None, :] & n_ok[:, None])
-        else:
-            tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[None, :] & n_ok[:, None])
+
+    if N_TILES == 1:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
+                          stride_asm, stride_as, stride_bn, stride_bsg, alpha, beta, limit, MODE, SCALE_SHIFT,
+                          SWAP_AB, UPCAST, EVEN_K, DEQUANT, A_SWIGLU, A_SPLIT, BLOCK_K)  # fmt: skip
+        _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIGHT, SWAP_AB, UPCAST, SPLIT_K > 1)
     else:
-        if MUL_WEIGHT:
-            acc = acc * tl.load(w_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        c_ptrs = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        if SPLIT_K > 1:
-            tl.store(c_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
-        else:
-            tl.store(c_ptrs, _to_bf16(acc, UPCAST), mask=row_ok[:, None] & n_ok[None, :])
+        steps = tl.cdiv(k_hi - k_lo, BLOCK_K)
+        for it in range(0, N_TILES * steps):
+            j = it // steps
+            k0 = k_lo + (it - j * steps) * BLOCK_K
+            offs_n = (pid_n * N_TILES + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            acc = tl.where(k0 == k_lo, 0.0, acc)  # a new tile starts
+            acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
+                          stride_asm, stride_as, stride_bn, stride_bsg, alpha, beta, limit, MODE, SCALE_SHIFT,
+                          SWAP_AB, UPCAST, EVEN_K, DEQUANT, A_SWIGLU, A_SPLIT, BLOCK_K)  # fmt: skip
+            if k0 + BLOCK_K >= k_hi:
+                _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIGHT, SWAP_AB, UPCAST,
+                         SPLIT_K > 1)  # fmt: skip

@@ -19,6 +19,7 @@ class GemmTile:
     swap_ab: bool = False  # weights as the MMA's left operand: wgmma at few tokens per expert
     group_m: int = 8
     split_k: int = 1  # K slices on separate programs (fp32 partials): more CTAs streaming at decode
+    n_tiles: int = 1  # N tiles per program in one flat loop: the pipeline runs across tiles (short K)
     dequant: str = "auto"  # W8A16 FP8 -> BF16 route: "fp32", "bits", "asm" (moe_gemm.resolve_dequant)
 
 
@@ -27,6 +28,8 @@ class MoeConfig:
     block_m: int  # shared by both GEMMs: one routing alignment per forward
     gemm1: GemmTile
     gemm2: GemmTile
+    direct: bool = False  # no alignment: a block per pair (decode: one launch less; shared experts re-read)
+    fuse_swiglu: bool = False  # GEMM2 computes the activation from GEMM1's output (one launch less; not W8A8)
 
 
 # Native MXFP8 formulation per device family; Hopper's settled by the bench (notes/kernels.md).

@@ -77,9 +77,13 @@ def _forward(
             gemm1=dataclasses.replace(config.gemm1, dequant=dequant),
             gemm2=dataclasses.replace(config.gemm2, dequant=dequant),
         )
-    align = align_routing(topk_ids, num_experts=e, block_m=config.block_m)
+    if config.direct:  # decode: each pair its own block, no alignment launch
+        align = None
+    else:
+        align = align_routing(topk_ids, num_experts=e, block_m=config.block_m)
     weights = topk_weights.reshape(-1).float().contiguous()
-    gemm = dict(align=align, num_pairs=t * k, mode=mode, fp8_format=fmt)
+    ids = topk_ids.to(torch.int32).contiguous() if config.direct else None
+    gemm = dict(align=align, num_pairs=t * k, mode=mode, fp8_format=fmt, topk_ids=ids, block_m=config.block_m)
     if mode == "w8a8":  # MXFP8 activations into both GEMMs
         xq, xs = quantize_mxfp8(hidden, fmt=fmt)
         y1 = moe_gemm(xq, w13, a_div=k, tile=config.gemm1, a_scale=xs, b_scale=w13_scale, **gemm)
@@ -97,8 +101,21 @@ def _forward(
         )
     else:  # BF16 activations; FP8 weights (w8a16) are dequantized in registers
         y1 = moe_gemm(hidden.contiguous(), w13, a_div=k, tile=config.gemm1, b_scale=w13_scale, **gemm)
-        a2 = swiglu_oai(y1, act=activation)
-        y2 = moe_gemm(a2, w2, a_div=1, tile=config.gemm2, b_scale=w2_scale, topk_weights=weights, zero=outside, **gemm)
+        if config.fuse_swiglu:  # GEMM2 applies the activation as it reads y1
+            a2, act = y1, activation
+        else:
+            a2, act = swiglu_oai(y1, act=activation), None
+        y2 = moe_gemm(
+            a2,
+            w2,
+            a_div=1,
+            tile=config.gemm2,
+            b_scale=w2_scale,
+            topk_weights=weights,
+            zero=outside,
+            a_swiglu=act,
+            **gemm,
+        )
     return y2.view(t, k, h).sum(dim=1)  # one kernel, fp32 accumulation inside, BF16 out
 
 

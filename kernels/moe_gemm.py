@@ -11,6 +11,7 @@ from mxconvert.errors import MxconvertError
 from mxconvert.kernels._moe_gemm import _fused_moe_kernel
 from mxconvert.kernels.align import Alignment
 from mxconvert.kernels.config import GemmTile
+from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.layout import BLOCK, dequantize, unpack_scales
 
 MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
@@ -23,7 +24,7 @@ def moe_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
-    align: Alignment,
+    align: Alignment | None,
     num_pairs: int,
     a_div: int,
     tile: GemmTile,
@@ -33,16 +34,23 @@ def moe_gemm(
     fp8_format: str = "fn",
     topk_weights: torch.Tensor | None = None,
     zero: bool = False,
+    topk_ids: torch.Tensor | None = None,
+    block_m: int = 16,
+    a_swiglu: SwigluOAI | None = None,
 ) -> torch.Tensor:
     """C [P, N] BF16 = A[p // a_div] @ B[expert(p)]^T (* topk_weights[p]); no host synchronization.
     Rows of pairs that no block holds (ids outside [0, E)) are left unwritten: zeros with zero=True.
     tile.split_k > 1: fp32 partial sums [split_k, P, N] instead, which the caller adds up.
+    align None: no alignment, each pair its own block_m block (topk_ids [T, k] int32 give the experts).
+    a_swiglu: A is GEMM1's output y1 [P, 2K] (BF16, or split-K partials fp32 [S, P, 2K]) and the GEMM reads
+    swiglu_oai(y1) (W8A16 and BF16 only).
 
     FP8 B bytes are E4M3FNUZ. fp8_format "fnuz" feeds them to the dot as they are (gfx942); "fn" reads
     them as E4M3FN, which doubles each value, and lowers every scale exponent by one (exact) to undo it.
     """
     e, n, k = b.shape
-    if k % BLOCK or a.shape[-1] != k:
+    ka = a.shape[-1] // 2 if a_swiglu else a.shape[-1]
+    if k % BLOCK or ka != k:
         raise MxconvertError(
             "moe_gemm", f"K {k} of B [{e}, {n}, {k}] vs A {tuple(a.shape)}", "K must match and be a multiple of 32"
         )
@@ -52,8 +60,10 @@ def moe_gemm(
             f"scales {None if b_scale is None else tuple(b_scale.shape)}",
             f"pass packed E8M0 scales [{e}, {k // BLOCK}, {n}]",
         )
-    if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values()):
+    if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values() or a_swiglu):
         raise MxconvertError("moe_gemm", "w8a8 without FP8 activations", "quantize A with quantize_mxfp8")
+    if align is None and (topk_ids is None or topk_ids.numel() != num_pairs):
+        raise MxconvertError("moe_gemm", "no alignment and no topk_ids", "pass align or topk_ids [T, k]")
     split = tile.split_k
     shape, dtype = ((split, num_pairs, n), torch.float32) if split > 1 else ((num_pairs, n), torch.bfloat16)
     c = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=a.device)
@@ -64,29 +74,41 @@ def moe_gemm(
         b = b.view(torch.uint8) if dequant != "fp32" else b.view(torch.uint8).view(FP8_VIEW[fp8_format])
     if mode == "w8a8":
         a = a.view(torch.uint8).view(FP8_VIEW[fp8_format])
-    bm = align.block_m
-    grid = (align.max_blocks * -(-n // tile.block_n), split)
+    n_groups = -(-(-(-n // tile.block_n)) // tile.n_tiles)
     dummy = c
-    _fused_moe_kernel[grid](
+    if align is None:
+        ids = topk_ids.reshape(-1)
+        blocks, bm, sorted_ids, expert_ids, num_post_pad = num_pairs, block_m, ids, ids, ids
+    else:
+        blocks, bm = align.max_blocks, align.block_m
+        sorted_ids, expert_ids, num_post_pad = align.sorted_ids, align.expert_ids, align.num_post_pad
+    act = a_swiglu or SwigluOAI()
+    a_split = a.shape[0] if a_swiglu and a.dim() == 3 else 1
+    _fused_moe_kernel[(blocks * n_groups, split)](
         a,
         a_scale if a_scale is not None else dummy,
         b,
         b_scale if b_scale is not None else dummy,
         c,
         topk_weights if topk_weights is not None else dummy,
-        align.sorted_ids,
-        align.expert_ids,
-        align.num_post_pad,
+        sorted_ids,
+        expert_ids,
+        num_post_pad,
         n,
         k,
         num_pairs,
-        a.stride(0),
+        e,
+        a.stride(-2),
         a_scale.stride(0) if a_scale is not None else 0,
+        a.stride(0) if a_split > 1 else 0,
         b.stride(0),
         b.stride(1),
         b_scale.stride(0) if b_scale is not None else 0,
         b_scale.stride(1) if b_scale is not None else 0,
         c.stride(-2),
+        act.alpha,
+        act.beta,
+        act.limit,
         A_DIV=a_div,
         MODE=MODES[mode],
         SCALE_SHIFT=int(fp8_format == "fn"),
@@ -96,6 +118,10 @@ def moe_gemm(
         EVEN_K=k % tile.block_k == 0,
         DEQUANT=DEQUANT[dequant],
         SPLIT_K=split,
+        N_TILES=tile.n_tiles,
+        DIRECT=align is None,
+        A_SWIGLU=a_swiglu is not None,
+        A_SPLIT=a_split,
         BLOCK_M=bm,
         BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k,
