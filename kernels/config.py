@@ -1,7 +1,7 @@
 """Tile configs for the fused MoE GEMMs, chosen by device and shape, and each device's native mode.
 
-Hopper (H100) tables: measured with scripts/bench_moe.py --sweep at MiniMax-M3 TP8 shapes
-(notes/kernels.md); the H200 takes the H100's tables (same SM, faster memory; not measured on an H200).
+Hopper tables: measured with scripts/bench_moe.py --sweep at MiniMax-M3 TP8 shapes (notes/kernels.md),
+H100 (2026-11-24) and H200 (2026-12-02, W8A16 only: its BF16 and W8A8 rows are the H100's).
 gfx942 (MI300X): the seed's rules, not measured here.
 """
 
@@ -35,40 +35,59 @@ class MoeConfig:
 # Native MXFP8 formulation per device family; Hopper's settled by the bench (notes/kernels.md).
 NATIVE_MODE = {"gfx942": "w8a8", "hopper": "w8a16", "cpu": "w8a8", "other": "w8a16"}
 
-T = GemmTile
-S = True  # swap_ab
+Tile = GemmTile
+SWAP_AB = True
 # Hopper: (largest tokens per expert (T * k / E), block_m, GEMM1 tile, GEMM2 tile), first match wins.
 # Rows are the sweep's best at T 1, 8-32, 128, 512, 1024, 4096, 8192 (top-4 of 128 experts).
 HOPPER = {
     "bf16": [
-        (0.1, 16, T(64, 256, 4, 3, S), T(64, 128, 4, 3)),
-        (0.5, 16, T(64, 128, 4, 3), T(64, 128, 4, 3)),
-        (2, 16, T(64, 128, 4, 4, S), T(128, 128, 4, 3, S)),
-        (8, 16, T(128, 128, 4, 3, S), T(128, 128, 4, 3, S)),
-        (24, 32, T(64, 128, 4, 3), T(64, 128, 4, 3)),
-        (64, 64, T(128, 128, 8, 3), T(128, 64, 4, 4)),
-        (192, 128, T(128, 128, 8, 3), T(256, 64, 8, 4)),
-        (None, 128, T(256, 64, 8, 4), T(256, 64, 8, 4)),
+        (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB), Tile(64, 128, 4, 3)),
+        (0.5, 16, Tile(64, 128, 4, 3), Tile(64, 128, 4, 3)),
+        (2, 16, Tile(64, 128, 4, 4, SWAP_AB), Tile(128, 128, 4, 3, SWAP_AB)),
+        (8, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 128, 4, 3, SWAP_AB)),
+        (24, 32, Tile(64, 128, 4, 3), Tile(64, 128, 4, 3)),
+        (64, 64, Tile(128, 128, 8, 3), Tile(128, 64, 4, 4)),
+        (192, 128, Tile(128, 128, 8, 3), Tile(256, 64, 8, 4)),
+        (None, 128, Tile(256, 64, 8, 4), Tile(256, 64, 8, 4)),
     ],
     "w8a16": [
-        (0.1, 16, T(64, 256, 4, 3, S), T(128, 128, 4, 3, S)),
-        (2, 16, T(128, 128, 4, 3, S), T(128, 128, 4, 3, S)),
-        (8, 16, T(128, 128, 4, 3, S), T(128, 64, 4, 4)),
-        (24, 32, T(64, 256, 4, 3, S), T(128, 128, 4, 3, S)),
-        (64, 64, T(128, 128, 4, 3, S), T(128, 128, 4, 3, S)),  # swap beat plain by 7% here
-        (192, 64, T(128, 64, 4, 4), T(128, 64, 4, 4)),
-        (None, 128, T(128, 64, 4, 4), T(128, 64, 4, 4)),
+        (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB), Tile(128, 128, 4, 3, SWAP_AB)),
+        (2, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 128, 4, 3, SWAP_AB)),
+        (8, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
+        (24, 32, Tile(64, 256, 4, 3, SWAP_AB), Tile(128, 128, 4, 3, SWAP_AB)),
+        (64, 64, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 128, 4, 3, SWAP_AB)),  # swap beat plain by 7% here
+        (192, 64, Tile(128, 64, 4, 4), Tile(128, 64, 4, 4)),
+        (None, 128, Tile(128, 64, 4, 4), Tile(128, 64, 4, 4)),
     ],
     "w8a8": [
-        (0.1, 16, T(64, 256, 4, 3, S), T(64, 128, 4, 4, S)),
-        (0.5, 16, T(64, 256, 4, 3, S), T(128, 128, 4, 3, S)),
-        (2, 16, T(128, 128, 4, 3, S), T(64, 128, 4, 4, S)),
-        (8, 16, T(64, 256, 4, 3, S), T(64, 128, 4, 4, S)),
-        (24, 32, T(64, 128, 4, 4, S), T(64, 128, 4, 3)),
-        (64, 64, T(64, 128, 4, 3), T(64, 64, 4, 4)),
-        (None, 64, T(64, 64, 4, 4), T(64, 64, 4, 4)),
+        (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB), Tile(64, 128, 4, 4, SWAP_AB)),
+        (0.5, 16, Tile(64, 256, 4, 3, SWAP_AB), Tile(128, 128, 4, 3, SWAP_AB)),
+        (2, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(64, 128, 4, 4, SWAP_AB)),
+        (8, 16, Tile(64, 256, 4, 3, SWAP_AB), Tile(64, 128, 4, 4, SWAP_AB)),
+        (24, 32, Tile(64, 128, 4, 4, SWAP_AB), Tile(64, 128, 4, 3)),
+        (64, 64, Tile(64, 128, 4, 3), Tile(64, 64, 4, 4)),
+        (None, 64, Tile(64, 64, 4, 4), Tile(64, 64, 4, 4)),
     ],
 }
+
+
+# H200 W8A16 (scripts/bench_moe.py --sweep, 2026-12-02): tiles with the NVIDIA dequantization routes
+# (resolve_dequant: "auto"); GEMM1 split over K at decode, where 4-32 row blocks leave SMs idle.
+H200_W8A16 = [
+    (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB, split_k=4), Tile(64, 128, 4, 3)),
+    (0.5, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB)),
+    (8, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
+    (24, 32, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
+    (None, 64, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
+]
+TABLES = {"h100": HOPPER, "h200": {**HOPPER, "w8a16": H200_W8A16}}
+
+
+def hopper_table(device: torch.device | str | None = None) -> dict:
+    """The Hopper tile tables of this GPU model (H200 by name; any other Hopper takes the H100's)."""
+    device = torch.device(device if device is not None else "cuda")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else ""
+    return TABLES["h200" if "H200" in name else "h100"]
 
 
 def device_family(device: torch.device | str | None = None) -> str:
@@ -128,7 +147,7 @@ def moe_config(
         return MoeConfig(
             bm, _gfx942(tpe, pairs, 2 * intermediate, hidden, bm), _gfx942(tpe, pairs, hidden, intermediate, bm)
         )
-    for limit, bm, t1, t2 in HOPPER[mode]:
+    for limit, bm, t1, t2 in hopper_table(device)[mode]:
         if limit is None or tpe <= limit:
             return MoeConfig(bm, t1, t2)
     raise AssertionError("unreachable: the last row has no limit")

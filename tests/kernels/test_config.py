@@ -8,15 +8,17 @@ from mxconvert.kernels import config as cfg
 from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8
 
 
+@pytest.mark.parametrize("gpu", sorted(cfg.TABLES))
 @pytest.mark.parametrize("mode", ["bf16", "w8a16", "w8a8"])
-def test_hopper_table_is_ordered_and_valid(mode):
-    rows = cfg.HOPPER[mode]
+def test_hopper_table_is_ordered_and_valid(gpu, mode):
+    rows = cfg.TABLES[gpu][mode]
     limits = [r[0] for r in rows[:-1]]
     assert limits == sorted(limits) and rows[-1][0] is None
     for _, bm, *tiles in rows:
         assert bm in (16, 32, 64, 128)
         for t in tiles:
             assert t.block_k % 32 == 0 and t.block_k & (t.block_k - 1) == 0 and t.num_warps in (1, 2, 4, 8)
+            assert t.split_k >= 1 and t.n_tiles >= 1 and t.dequant == "auto"
 
 
 def test_seed_gfx942_rules():
