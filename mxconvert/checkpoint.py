@@ -38,7 +38,6 @@ EXPERT_NAME = re.compile(
     re.ASCII,
 )
 UNDER_EXPERTS = re.compile(r"(^|\.)experts\.")  # a name that must parse as EXPERT_NAME
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)  # owner/name; "./x", "../x" are paths
 PROJECTION = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 MXFP8_METHODS = ("mxfp8", "compressed-tensors")
 MXFP8_WEIGHTS = {"num_bits": 8, "type": "float", "group_size": BLOCK}  # compressed-tensors' MXFP8 weights
@@ -435,6 +434,11 @@ class SourceCheckpoint:
             os.posix_fadvise(fd, info.offset + start, length, os.POSIX_FADV_DONTNEED)
         return out
 
+    def prefetch(self, info: TensorInfo) -> None:
+        """Start reading a tensor's bytes into the page cache (a hint; read() drops them once used)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+
     def read_tensor(self, info: TensorInfo, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """A whole tensor's bytes, shaped [*shape] for one-byte dtypes, flat otherwise."""
         data = self.read(info, out=out)
@@ -460,66 +464,3 @@ class SourceCheckpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def resolve_model_dir(model_dir: str | Path, *, allow_patterns: tuple[str, ...]) -> tuple[Path, dict]:
-    """A local directory, or a Hub repo id fetched into the Hugging Face cache (only the files needed).
-
-    Returns the directory and what identifies the source without a local path (it goes into the
-    manifest and the card): {"name"} of a local directory, or {"repo_id", "revision"}.
-    """
-    local = Path(model_dir).expanduser()
-    if local.exists() or not REPO_ID.fullmatch(str(model_dir)):
-        return local, {"name": local.resolve().name}
-    from huggingface_hub import constants, snapshot_download  # network only when a repo id is given
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    neither = "is neither a local directory nor"
-    try:
-        path = Path(snapshot_download(str(model_dir), allow_patterns=list(allow_patterns)))
-    except LocalEntryNotFoundError as e:
-        if constants.HF_HUB_OFFLINE:
-            raise MxconvertError(
-                model_dir, f"{neither} a checkpoint in the Hugging Face cache, and HF_HUB_OFFLINE is set",
-                "Check the path, or unset HF_HUB_OFFLINE to download it",
-            ) from None  # fmt: skip
-        raise MxconvertError(
-            model_dir, f"{neither} reachable on the Hub (the Hub cannot be reached: {_cause(e)})",
-            "Check the path, or the network (and HF_ENDPOINT)",
-        ) from None  # fmt: skip
-    except GatedRepoError:
-        raise MxconvertError(
-            model_dir, "is a gated repo and this token has no access to it",
-            "Accept its terms on the Hub with your account, then pass a token (HF_TOKEN or `hf auth login`)",
-        ) from None  # fmt: skip
-    except RevisionNotFoundError:
-        raise MxconvertError(
-            model_dir, "the revision asked for does not exist on the Hub", "Check the revision"
-        ) from None
-    except RepositoryNotFoundError:
-        raise MxconvertError(
-            model_dir, f"{neither} a Hub repo visible to this token",
-            "Check the path or the repo id (a private repo needs HF_TOKEN or `hf auth login`)",
-        ) from None  # fmt: skip
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        raise MxconvertError(
-            model_dir, f"cannot be fetched from the Hub ({type(e).__name__}{f', {status}' if status else ''})",
-            "Check the repo id, your network and HF_TOKEN, then run again",
-        ) from None  # fmt: skip
-    except HFValidationError:
-        raise MxconvertError(model_dir, f"{neither} a Hub repo id", "Check the path") from None
-    return path, {"repo_id": str(model_dir), "revision": path.name}
-
-
-def _cause(error: BaseException) -> str:
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    return type(error).__name__

@@ -1,6 +1,7 @@
 """The `mxconvert` command: a thin click shell over convert(), verify() and push(), same parameter names."""
 
 import difflib
+import json
 import os
 import sys
 from importlib import metadata
@@ -199,13 +200,20 @@ def main():
     "--progress/--no-progress", default=True, help="Progress bars (bytes written), when stderr is a terminal."
 )
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo (see `mxconvert push`).")
+@click.option("--token", help="Hub token for the source and the push (default: HF_TOKEN, else the saved login).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the report as JSON.")
 def convert(**kwargs):
     """Convert MODEL_DIR (a local checkpoint or a Hub repo id) into OUT_DIR."""
     from .convert import convert as run_convert
 
+    as_json = kwargs.pop("as_json")
     plan = _run(run_convert, **kwargs)
     out = kwargs["out_dir"]
-    if plan.complete:
+    if plan.report is not None:
+        from .dryrun import render
+
+        click.echo(json.dumps(plan.report, indent=2) if as_json else render(plan.report))
+    elif plan.complete:
         click.echo(f"Already finished: {out} holds this conversion (same input and options); nothing to do.")
     elif not kwargs["dry_run"]:
         size = f"{plan.output_bytes / 2**30:.2f} GiB"

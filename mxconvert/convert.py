@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, outdir
+from . import __version__, dryrun, outdir
 from . import format as fmt
 from .card import write_model_card
-from .checkpoint import SIDE_FILES, SourceCheckpoint, resolve_model_dir
+from .checkpoint import SIDE_FILES, SourceCheckpoint
 from .errors import MxconvertError, OptionError
+from .hub_source import HubFiles, is_hub_id, resolve_model_dir
 from .manifest import sha256_file, write_manifest
 from .outputs import output_names, small_files
 from .plan import Plan, Shard, make_plan, parse_size
@@ -44,6 +45,7 @@ def convert(
     resume: bool = False,
     progress: bool = True,
     push_to_hub: str | None = None,
+    token: str | None = None,
 ) -> Plan:
     """Convert MODEL_DIR (a local directory or a Hub repo id) into OUT_DIR; returns the plan it followed.
 
@@ -60,13 +62,18 @@ def convert(
         bf16_min_tokens=bf16_min_tokens,
         max_shard_size=max_shard_size,
     )
-    local_dir, source_id = resolve_model_dir(model_dir, allow_patterns=SOURCE_FILES)
-    source = SourceCheckpoint(local_dir)  # every input read and checked once, here
+    from_hub = dry_run and is_hub_id(model_dir)
+    if from_hub:  # a dry run of a Hub repo reads its headers alone: no download of the weights
+        source = SourceCheckpoint(HubFiles(str(model_dir), token=token))
+    else:
+        local_dir, source_id = resolve_model_dir(model_dir, allow_patterns=SOURCE_FILES)
+        source = SourceCheckpoint(local_dir)  # every input read and checked once, here
     try:
-        outdir.check_paths(Path(out_dir), local_dir, source.input_paths())
+        if not from_hub:
+            outdir.check_paths(Path(out_dir), local_dir, source.input_paths())
         plan = make_plan(source, long_context=long_context, bf16=bf16, max_shard_size=shard_bytes)
-        if dry_run:
-            print(describe(plan, source))
+        if dry_run:  # the plan and its report (dryrun.render prints it); nothing written
+            plan.report = dryrun.report(plan, source, out_dir=Path(out_dir), options=options, from_hub=from_hub)
             return plan
         with outdir.locked(Path(out_dir)) as out:
             ident = outdir.identity(
@@ -176,18 +183,3 @@ def _check_before_writing(
     side = sum(len(data) for data in source.side_files.values())
     shards = sum(len(safetensors_header(shard.tensors)[0]) + shard.nbytes for shard in todo)
     outdir.check_free_space(state, needed=shards + side + SMALL_FILES)
-
-
-def describe(plan: Plan, source: SourceCheckpoint) -> str:
-    """The dry-run report: each MoE group and its storage, tensors in and out, bytes, peak memory."""
-    gib = 2**30
-    lines = [f"{'expert group':<60} {'storage':<12} {'E':>4} {'H':>6} {'I':>6}"]
-    lines += [f"{g.prefix:<60} {g.storage:<12} {g.num_experts:>4} {g.hidden:>6} {g.inter:>6}" for g in plan.groups]
-    in_bytes = sum(t.nbytes for t in source.tensors.values())
-    lines += [
-        f"tensors in: {len(source.tensors)} ({in_bytes / gib:.2f} GiB in {len(source.shards)} files)",
-        f"tensors out: {len(plan.tensors)} ({plan.output_bytes / gib:.2f} GiB in {len(plan.shards)} shards)",
-        f"estimated peak memory: {plan.peak_memory_estimate(in_flight=WORKERS + 1) / gib:.2f} GiB",
-        "dry run: nothing written",
-    ]
-    return "\n".join(lines)

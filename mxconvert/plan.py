@@ -64,6 +64,7 @@ class Plan:
     shards: list[Shard]
     kept: list[str] = field(default_factory=list)  # shards a --resume found finished and kept
     complete: bool = False  # --resume found OUT_DIR already finished: nothing was written
+    report: dict | None = None  # --dry-run: what the conversion would read, write and hold (dryrun.report)
 
     @property
     def tensors(self) -> list[OutputTensor]:
@@ -72,13 +73,6 @@ class Plan:
     @property
     def output_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
-
-    def peak_memory_estimate(self, *, in_flight: int) -> int:
-        """A group's scales (twice: as read and packed); experts in flight, each holding its w13 [2I, H]
-        as FP8 bytes and BF16; a copy chunk; the interpreter and torch."""
-        per_expert = max((3 * 2 * g.inter * g.hidden for g in self.groups), default=0)
-        scales = max((2 * g.num_experts * 3 * g.inter * g.hidden // BLOCK for g in self.groups), default=0)
-        return scales + in_flight * per_expert + 2 * COPY_CHUNK + 400 * 2**20
 
 
 COPY_CHUNK = 64 * 2**20  # bytes per read/write of a passed-through tensor

@@ -68,14 +68,18 @@ def _read_checked(source: SourceCheckpoint, infos: list[TensorInfo], *, scale: b
     return out
 
 
-def _bf16(values: torch.Tensor, scales: torch.Tensor, device: str) -> torch.Tensor:
-    """Exact BF16 copies [N, K], on the CPU in row blocks, or on a GPU in one go."""
+def _write_bf16(values: torch.Tensor, scales: torch.Tensor, sink: ShardSet, name: str, offset: int, device: str):
+    """Exact BF16 copies of [N, K] values, written at `offset`: on the CPU BF16_ROWS rows at a time
+    (a few MB per worker, not a whole expert), on a GPU in one go."""
     if device != "cpu":
-        return layout.dequantize_bf16(values.to(device), scales.to(device)).cpu()
-    out = _buffer("bf16", tuple(values.shape), torch.bfloat16)
-    for r in range(0, values.shape[0], BF16_ROWS):
-        layout.dequantize_bf16(values[r : r + BF16_ROWS], scales[r : r + BF16_ROWS], out=out[r : r + BF16_ROWS])
-    return out
+        sink.write(name, offset, layout.dequantize_bf16(values.to(device), scales.to(device)).cpu())
+        return
+    n, k = values.shape
+    out = _buffer("bf16", (BF16_ROWS, k), torch.bfloat16)
+    for r in range(0, n, BF16_ROWS):
+        rows = min(BF16_ROWS, n - r)
+        layout.dequantize_bf16(values[r : r + rows], scales[r : r + rows], out=out[:rows])
+        sink.write(name, offset + r * k * 2, out[:rows])  # written (or compared) before the buffer is reused
 
 
 def check_scales(source: SourceCheckpoint, groups: list[PlannedGroup], *, pool: Executor, on_bytes=None) -> None:
@@ -92,13 +96,16 @@ def check_scales(source: SourceCheckpoint, groups: list[PlannedGroup], *, pool: 
     _run_all(pool, [(check, g, e) for g in groups for e in range(g.num_experts)], in_flight=64)
 
 
-def _run_all(pool: Executor, calls: list[tuple], *, in_flight: int) -> None:
-    """Each (fn, *args) on the pool, at most `in_flight` at a time; the first error stops the rest."""
+def _run_all(pool: Executor, calls: list[tuple], *, in_flight: int, on_submit: list | None = None) -> None:
+    """Each (fn, *args) on the pool, at most `in_flight` at a time; the first error stops the rest.
+    on_submit[i]() runs as call i is queued (a read-ahead hint)."""
     pending = deque()
     try:
-        for fn, *args in calls:
+        for i, (fn, *args) in enumerate(calls):
             if len(pending) >= in_flight:
                 pending.popleft().result()
+            if on_submit is not None:
+                on_submit[i]()
             pending.append(pool.submit(fn, *args))
         while pending:
             pending.popleft().result()
@@ -144,7 +151,19 @@ def write_expert(
     if f"{stack}_weight" in stored:
         sink.write(f"{group.prefix}.{stack}_weight", e * values.numel(), values)
     if f"{stack}_weight_bf16" in stored:
-        sink.write(f"{group.prefix}.{stack}_weight_bf16", e * values.numel() * 2, _bf16(values, scales, device))
+        _write_bf16(values, scales, sink, f"{group.prefix}.{stack}_weight_bf16", e * values.numel() * 2, device)
+
+
+def _prefetch(source: SourceCheckpoint, group: PlannedGroup, e: int, stack: str, sink: ShardSet, kinds: set[str]):
+    """Ask the disk for expert e's source values (and, when verifying, its output bytes) while earlier
+    experts compute: a queued expert's reads then overlap the work in flight."""
+    infos = [group.source.experts[e][p][0] for p in dict(STACKS)[stack]]
+    for info in infos:
+        source.prefetch(info)
+    numel = sum(i.nbytes for i in infos)
+    for kind, size in ((f"{stack}_weight", 1), (f"{stack}_weight_bf16", 2)):
+        if kind in kinds:
+            sink.prefetch(f"{group.prefix}.{kind}", e * numel * size, numel * size)
 
 
 def write_group(
@@ -169,13 +188,14 @@ def write_group(
     for stack in stacks:
         if f"{stack}_weight_scale" in kinds:
             sink.write(f"{group.prefix}.{stack}_weight_scale", 0, layout.pack_scales(scales[stack]))  # [E, G, N]
+    todo = [(e, stack) for stack in stacks if {f"{stack}_weight", f"{stack}_weight_bf16"} & kinds
+            for e in range(group.num_experts)]  # fmt: skip
     calls = [
         (partial(write_expert, device=device, kinds=kinds), source, group, e, stack, scales[stack][e], sink)
-        for stack in stacks
-        if {f"{stack}_weight", f"{stack}_weight_bf16"} & kinds
-        for e in range(group.num_experts)
+        for e, stack in todo
     ]
-    _run_all(pool, calls, in_flight=in_flight)
+    prefetch = [partial(_prefetch, source, group, e, stack, sink, kinds) for e, stack in todo]
+    _run_all(pool, calls, in_flight=in_flight, on_submit=prefetch)
 
 
 def stream_shards(

@@ -130,6 +130,12 @@ class ShardWriter:
         _pwrite_all(self.fd, raw, start, self.tmp)
         crash_point("write")
 
+    prefetches = False  # nothing to read ahead when writing
+
+    def prefetch(self, name: str, offset: int, nbytes: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, self.offsets[name] + offset, nbytes, os.POSIX_FADV_WILLNEED)
+
     def write(self, name: str, offset: int, data: torch.Tensor) -> int:
         """Write a contiguous CPU tensor's bytes at `offset` within tensor `name`; returns the byte count."""
         raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
@@ -209,6 +215,8 @@ class ShardChecker(ShardWriter):
                 problem = f"bytes [{begin}, {begin + len(want)}) differ from the source's conversion"
                 raise MxconvertError(f"{self.path.name}: {name}", problem, CONVERT_AGAIN)
 
+    prefetches = True  # the bytes to compare with: read ahead while the expert is computed
+
     def finish(self) -> tuple[str, str]:
         with self._lock:
             self._idle.wait_for(lambda: not self._hashing)
@@ -255,6 +263,17 @@ class ShardSet:
             self.on_bytes(n)
         if full:
             self.on_full(writer)
+
+    def prefetch(self, name: str, offset: int, nbytes: int) -> None:
+        """A read-ahead hint for bytes of tensor `name` that a later write will compare (ShardChecker)."""
+        if not self.shard_type.prefetches or nbytes == 0:
+            return
+        shard = self.shard_of[name]
+        with self._lock:
+            writer = self.open.get(shard.name)
+            if writer is None:
+                writer = self.open[shard.name] = self.shard_type(self.out_dir / shard.name, shard.tensors)
+        writer.prefetch(name, offset, nbytes)
 
     def empty_shards(self) -> list[Shard]:
         """Shards without a data byte (only empty tensors): no write ever opens them."""

@@ -267,13 +267,21 @@ def test_out_dir_rules(source, tmp_path):
     verify(out_dir=out, source=source)
 
 
-def test_dry_run_writes_nothing(source, tmp_path, capsys):
+def test_dry_run_writes_nothing(source, tmp_path):
+    from mxconvert.dryrun import render
+
     out = tmp_path / "out"
     plan = convert(model_dir=str(source), out_dir=str(out), dry_run=True, long_context=True)
-    text = capsys.readouterr().out
     assert not out.exists()
+    text = render(plan.report)
     assert "language_model.model.layers.5.block_sparse_moe.experts" in text and "bf16_only" in text
-    assert "estimated peak memory" in text and f"{len(plan.tensors)}" in text
+    assert "estimated peak memory" in text and f"{len(plan.tensors)} tensors" in text
+    real = tmp_path / "real"
+    convert(model_dir=str(source), out_dir=str(real), long_context=True, progress=False)
+    written = sum(p.stat().st_size for p in real.iterdir() if p.name not in ("mxconvert.json", "README.md"))
+    card = (real / "README.md").stat().st_size
+    assert plan.report["output_bytes"] - 64 * 1024 == written  # exact, but for the card's allowance
+    assert card < 64 * 1024
 
 
 def test_hub_source_is_named_in_card_and_manifest(source, tmp_path, monkeypatch):

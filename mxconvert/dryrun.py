@@ -1,0 +1,122 @@
+"""The dry run: what a conversion will read, download, write and hold, from the headers alone.
+
+Shape legend: E experts, H hidden, I expert intermediate.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from . import format as fmt
+from .checkpoint import SourceCheckpoint
+from .layout import BLOCK
+from .outputs import small_files
+from .plan import Plan
+from .stream import WORKERS
+from .writer import safetensors_header
+
+# Measured by scripts/bench_convert.py (one full-size MiniMax-M3 layer, cold page cache, fsync) on a
+# 2-core, 24 GB machine: output bytes written per second, and the resident set outside the buffers below.
+WRITE_RATE = {"materialize": 0.43e9, "derive": 0.52e9}
+RATE_MEASURED_ON = "a 2-core, 24 GB machine with a ~0.6 GB/s disk (scripts/bench_convert.py)"
+BASE_MEMORY = 330 * 2**20  # interpreter, torch, numpy, thread stacks
+CARD_ALLOWANCE = 64 * 2**10  # the model card is written last; a few kB
+
+
+def peak_memory(plan: Plan, *, workers: int = WORKERS) -> int:
+    """The converter's peak resident set: one group's scales as read ([E, 3I, H/32] and [E, H, I/32]) and
+    the packed copy of the larger stack while it is written, plus each worker's expert buffer (w13's
+    [2I, H] FP8 bytes, and its BF16 copy where the group stores one)."""
+    scales = max((g.num_experts * (3 * g.inter * g.hidden + 2 * g.inter * g.hidden) // BLOCK for g in plan.groups),
+                 default=0)  # fmt: skip
+    per_worker = max(
+        (
+            2 * g.inter * g.hidden * (3 if fmt.DUAL == g.storage or fmt.BF16_ONLY == g.storage else 1)
+            for g in plan.groups
+        ),
+        default=0,
+    )
+    return BASE_MEMORY + scales + workers * per_worker
+
+
+def report(plan: Plan, source: SourceCheckpoint, *, out_dir: Path, options: dict, from_hub: bool) -> dict:
+    """Exact bytes in and out (per storage), the disks they need and have, peak memory and time."""
+    small = small_files(source, plan, options)
+    shard_bytes = sum(len(safetensors_header(s.tensors)[0]) + s.nbytes for s in plan.shards)
+    out_bytes = shard_bytes + sum(len(d) for d in small.values()) + CARD_ALLOWANCE
+    storage: dict[str, dict] = {}
+    for t in plan.tensors:
+        key = t.group.storage if t.group is not None else "passed through"
+        entry = storage.setdefault(key, {"groups": set(), "bytes": 0})
+        entry["bytes"] += t.nbytes
+        if t.group is not None:
+            entry["groups"].add(t.group.prefix)
+    inputs = [s.name for s in source.shards] + ["config.json", *source.side_files]
+    inputs += [n for n in (fmt.INDEX_NAME, fmt.CARD_NAME) if source.files.exists(n)]
+    in_bytes = sum(source.files.size(n) for n in inputs)
+    disks = [_disk("OUT_DIR", Path(out_dir), out_bytes)]
+    if from_hub:
+        from huggingface_hub import constants
+
+        disks.insert(0, _disk("Hugging Face cache (download)", Path(constants.HF_HUB_CACHE), in_bytes))
+        if disks[0]["device"] == disks[1]["device"]:  # one disk holds both: both must fit at once
+            for d in disks:
+                d["fits"] = disks[0]["free_bytes"] >= in_bytes + out_bytes
+    seconds = out_bytes / WRITE_RATE[options["bf16"]]
+    return {
+        "source": source.files.repo_id if from_hub else str(source.dir),
+        "revision": getattr(source.files, "revision", None),
+        "groups": [
+            {"prefix": g.prefix, "storage": g.storage, "experts": g.num_experts, "hidden": g.hidden, "inter": g.inter}
+            for g in plan.groups
+        ],
+        "input_bytes": in_bytes,
+        "input_files": len(inputs),
+        "tensors_in": len(source.tensors),
+        "tensors_out": len(plan.tensors),
+        "shards_out": len(plan.shards),
+        "output_bytes": out_bytes,
+        "output_by_storage": {k: {"groups": len(v["groups"]), "bytes": v["bytes"]} for k, v in sorted(storage.items())},
+        "disks": [{k: v for k, v in d.items() if k != "device"} for d in disks],
+        "peak_memory_bytes": peak_memory(plan),
+        "expected_seconds": round(seconds),
+        "expected_rate": f"{WRITE_RATE[options['bf16']] / 1e9:.2f} GB/s written, as measured on {RATE_MEASURED_ON}",
+        "header_bytes_read": getattr(source.files, "headers_read", None),
+    }
+
+
+def _disk(what: str, path: Path, needed: int) -> dict:
+    where = path
+    while not where.exists():  # the nearest existing parent: where the directory would be made
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    return {"what": what, "path": str(path), "needed_bytes": needed, "free_bytes": free, "fits": free >= needed,
+            "device": os.stat(where).st_dev}  # fmt: skip
+
+
+def render(report: dict) -> str:
+    """The report as the CLI prints it."""
+    gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
+    lines = [f"{'expert group':<60} {'storage':<12} {'E':>4} {'H':>6} {'I':>6}"]
+    lines += [f"{g['prefix']:<60} {g['storage']:<12} {g['experts']:>4} {g['hidden']:>6} {g['inter']:>6}"
+              for g in report["groups"]]  # fmt: skip
+    lines.append(f"source: {report['source']}" + (f" at {report['revision']}" if report["revision"] else ""))
+    lines.append(f"input: {report['input_bytes']:,} bytes ({gb(report['input_bytes'])}) in {report['input_files']} "
+                 f"files, {report['tensors_in']} tensors")  # fmt: skip
+    lines.append(f"output: {report['output_bytes']:,} bytes ({gb(report['output_bytes'])}) in {report['shards_out']} "
+                 f"shards and the small files, {report['tensors_out']} tensors")  # fmt: skip
+    for storage, entry in report["output_by_storage"].items():
+        groups = f"{entry['groups']} expert groups" if entry["groups"] else "everything else"
+        lines.append(f"  {storage:<15} {entry['bytes']:>22,} bytes ({gb(entry['bytes'])}), {groups}")
+    for d in report["disks"]:
+        verdict = "fits" if d["fits"] else "DOES NOT FIT"
+        lines.append(f"{d['what']}: needs {d['needed_bytes']:,} bytes ({gb(d['needed_bytes'])}), "
+                     f"{gb(d['free_bytes'])} free at {d['path']}: {verdict}")  # fmt: skip
+    lines.append(f"estimated peak memory: {report['peak_memory_bytes'] / 2**30:.2f} GiB")
+    minutes = report["expected_seconds"] / 60
+    lines.append(f"expected time: {minutes:.0f} min at {report['expected_rate']}; on another machine, the output "
+                 "bytes over its disk's write rate")  # fmt: skip
+    if report["header_bytes_read"] is not None:
+        lines.append(f"read from the Hub: config, index and {report['header_bytes_read']:,} bytes of shard headers")
+    lines.append("dry run: nothing written")
+    return "\n".join(lines)
