@@ -6,7 +6,6 @@ huggingface_hub does not send LFS/xet bytes that the Hub already stores.
 """
 
 import hashlib
-import importlib
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
@@ -14,6 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, Revi
 
 from . import format as fmt
 from .errors import MxconvertError
+from .hub_source import transport_errors
 from .manifest import sha256_file
 from .outdir import locked_for_reading
 from .verify import verify
@@ -215,17 +215,6 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _transport_errors() -> tuple[type, ...]:
-    """Connection failures of whichever HTTP library this huggingface_hub uses (httpx2, httpx or requests)."""
-    kinds = [ConnectionError, TimeoutError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
-        try:
-            kinds.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(kinds)
-
-
 def explain(error: BaseException, *, repo_id: str, endpoint: str) -> MxconvertError:
     """One line for what went wrong while talking to the Hub, and what to do."""
     chain, e = [], error
@@ -234,7 +223,7 @@ def explain(error: BaseException, *, repo_id: str, endpoint: str) -> MxconvertEr
         e = e.__cause__ or e.__context__
     http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
     status = http.response.status_code if http is not None else None
-    if any(isinstance(e, _transport_errors()) for e in chain) and status is None:
+    if any(isinstance(e, transport_errors()) for e in chain) and status is None:
         return MxconvertError(
             endpoint,
             f"cannot be reached ({type(chain[-1]).__name__})",

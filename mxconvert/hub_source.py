@@ -5,6 +5,7 @@ Every Hub failure becomes one line that says which: offline, unreachable, gated,
 """
 
 import contextlib
+import importlib
 import re
 from pathlib import Path
 
@@ -84,15 +85,30 @@ def hub_errors(repo_id: str):
         ) from None  # fmt: skip
     except HFValidationError:
         raise MxconvertError(repo_id, f"{neither} a Hub repo id", "Check the path") from None
-    except OSError as e:  # the transport's connection errors (httpx, requests) derive from OSError or not:
+    except transport_errors() as e:
         raise MxconvertError(repo_id, f"the Hub cannot be reached ({type(e).__name__})",
                              "Check the network (and HF_ENDPOINT), then run again") from None  # fmt: skip
 
 
 def _cause(error: BaseException) -> str:
+    """What stood between us and the Hub: its HTTP answer, or the connection failure."""
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
+        response = getattr(error, "response", None)
+        if getattr(response, "status_code", None) is not None:
+            return f"it answered {response.status_code}"
     return type(error).__name__
+
+
+def transport_errors() -> tuple[type, ...]:
+    """Connection failures of whichever HTTP library this huggingface_hub uses (httpx2, httpx or requests)."""
+    kinds = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            kinds.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
 
 
 class HubFiles:

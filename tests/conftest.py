@@ -7,3 +7,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "scripts")):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A loopback Hub (tests/hub_server.py) that huggingface_hub talks to, as alice, with an empty cache."""
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    with HubServer() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)  # read at import: HF_ENDPOINT alone is too late
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")  # fmt: skip
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # regular + LFS uploads; xet needs a CAS server
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", "hf_alice")
+        yield server

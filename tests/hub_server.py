@@ -349,6 +349,8 @@ def _handler(hub: HubServer):
 
         def repo_info(self, body, query, repo, rev="main"):
             r = self.repo(repo)
+            if r.get("gated") and self.user(required=False) not in r.get("granted", ()):
+                raise HubError(403, f"Access to model {repo} is restricted", "GatedRepo")
             oid = r["branches"][self.branch(r, rev)]
             files = r["commits"][oid]["files"]
             return {
@@ -356,8 +358,16 @@ def _handler(hub: HubServer):
                 "sha": oid,
                 "private": r["private"],
                 "author": r["owner"],
-                "siblings": [{"rfilename": p} for p in sorted(files)],
+                "siblings": [{"rfilename": p, "size": f["size"]} for p, f in sorted(files.items())],
             }
+
+        def tree(self, body, query, repo, rev, path=""):
+            r = self.repo(repo)
+            oid = r["branches"].get(rev) or (rev if rev in r["commits"] else None)
+            if oid is None:
+                raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+            files = r["commits"][oid]["files"]
+            return [hub._entry(p, f) for p, f in sorted(files.items()) if p.startswith(path)]
 
         def refs(self, body, query, repo):
             r = self.repo(repo)
@@ -452,6 +462,7 @@ def _handler(hub: HubServer):
         ("POST", r"^/api/repos/create$", Handler.create_repo),
         ("GET", rf"^/api/models/{REPO}(?:/revision/(?P<rev>.+))?$", Handler.repo_info),
         ("GET", rf"^/api/models/{REPO}/refs$", Handler.refs),
+        ("GET", rf"^/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$", Handler.tree),
         ("POST", rf"^/api/models/{REPO}/branch/(?P<rev>.+)$", Handler.create_branch),
         ("POST", rf"^/api/models/{REPO}/paths-info/(?P<rev>.+)$", Handler.paths_info),
         ("POST", rf"^/api/models/{REPO}/preupload/(?P<rev>.+)$", Handler.preupload),

@@ -38,19 +38,6 @@ def out(converted, tmp_path) -> Path:
     return Path(shutil.copytree(converted, tmp_path / "out"))
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    with HubServer() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)  # read at import: HF_ENDPOINT alone is too late
-        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # regular + LFS uploads; xet needs a CAS server
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
-        monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
-        monkeypatch.setenv("HF_TOKEN", "hf_alice")
-        yield server
-
-
 def _local(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
