@@ -200,6 +200,8 @@ def main():
     "--progress/--no-progress", default=True, help="Progress bars (bytes written), when stderr is a terminal."
 )
 @click.option("--push-to-hub", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo (see `mxconvert push`).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--revision", metavar="BRANCH", help="With --push-to-hub: push to this branch, created if missing.")
 @click.option("--token", help="Hub token for the source and the push (default: HF_TOKEN, else the saved login).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the report as JSON.")
 def convert(**kwargs):

@@ -45,6 +45,8 @@ def convert(
     resume: bool = False,
     progress: bool = True,
     push_to_hub: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
     token: str | None = None,
 ) -> Plan:
     """Convert MODEL_DIR (a local directory or a Hub repo id) into OUT_DIR; returns the plan it followed.
@@ -52,7 +54,8 @@ def convert(
     resume: go on with an interrupted conversion in OUT_DIR (same input and options), keeping its
     finished shards; plan.kept names them, plan.complete says OUT_DIR was finished already.
     force: replace an earlier conversion in OUT_DIR (only files its manifest or record names).
-    push_to_hub: a Hub repo id to upload the verified result to (mxconvert.hub.push, with its defaults).
+    push_to_hub: a Hub repo id to upload the verified result to (mxconvert.hub.push), with `private`,
+    `revision` (a branch) and `token` as push takes them; the token and repo are checked before converting.
     """
     shard_bytes = _check_options(bf16, device, bf16_max_tokens, bf16_min_tokens, max_shard_size, force, resume)
     options = dict(
@@ -62,6 +65,10 @@ def convert(
         bf16_min_tokens=bf16_min_tokens,
         max_shard_size=max_shard_size,
     )
+    if push_to_hub and not dry_run:
+        from .hub import check_push_target  # huggingface_hub's upload machinery only when asked for
+
+        check_push_target(repo_id=push_to_hub, private=private, token=token)
     from_hub = dry_run and is_hub_id(model_dir)
     if from_hub:  # a dry run of a Hub repo reads its headers alone: no download of the weights
         source = SourceCheckpoint(HubFiles(str(model_dir), token=token))
@@ -94,11 +101,23 @@ def convert(
                 _write(state, ident, source, source_id, plan, options, device=device, progress=progress)
     finally:
         source.close()
-    if push_to_hub:
-        from .hub import push  # huggingface_hub's upload machinery only when asked for
-
-        push(out_dir=Path(out_dir), repo_id=push_to_hub)
+    if push_to_hub and not dry_run:
+        _push_after(Path(out_dir), push_to_hub, private=private, revision=revision, token=token)
     return plan
+
+
+def _push_after(out: Path, repo_id: str, *, private: bool, revision: str | None, token: str | None) -> None:
+    """The push that follows a conversion; if it fails, the conversion stands and the line says how to go on."""
+    from .hub import push
+
+    try:
+        push(out_dir=out, repo_id=repo_id, private=private, revision=revision, token=token)
+    except MxconvertError as e:
+        flags = " --private" * private + (f" --revision {revision}" if revision else "")
+        raise MxconvertError(
+            e.subject, f"{e.problem} (the conversion in {out} is finished and verified; only the push failed)",
+            f"{e.fix + '; then resume' if e.fix else 'Resume'} the push with: mxconvert push {out} {repo_id}{flags}",
+        ) from None  # fmt: skip
 
 
 def _write(

@@ -80,6 +80,45 @@ def _push_locked(out_dir, repo_id, private, revision, token, commit_message, cre
         raise explain(e, repo_id=repo_id, endpoint=api.endpoint) from e
 
 
+def check_push_target(*, repo_id: str, private: bool = False, token: str | None = None) -> None:
+    """Before hours of converting: a token that the Hub accepts, that may write to the repo's namespace,
+    and a repo that --private can be honoured for. Refuses with the same lines a push would."""
+    if constants.HF_HUB_OFFLINE:
+        raise MxconvertError("--push-to-hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded", "Unset HF_HUB_OFFLINE")
+    token = token or get_token()
+    if not token:
+        raise MxconvertError(
+            "--push-to-hub", "no Hugging Face token",
+            "Pass --token, set HF_TOKEN, or run `hf auth login` with a token that can write",
+        )  # fmt: skip
+    api = HfApi(token=token)
+    try:
+        me = api.whoami()
+        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise MxconvertError(repo_id, "this token is read-only", "Use a token with write access (a write token)")
+        owners = {me.get("name"), *(o.get("name") for o in me.get("orgs") or [])}
+        namespace = repo_id.split("/")[0] if "/" in repo_id else me.get("name")
+        if namespace not in owners:
+            raise MxconvertError(
+                repo_id, f"the token of {me.get('name')} may not write under {namespace}",
+                f"Push to a namespace of yours ({', '.join(sorted(n for n in owners if n))})",
+            )  # fmt: skip
+        try:
+            info = api.repo_info(repo_id)
+        except RepositoryNotFoundError:
+            return  # created by the push
+        if private and info.private is False:
+            raise MxconvertError(
+                repo_id, "exists and is public, but --private was asked",
+                "Make it private in its settings on the Hub, or push without --private",
+            )  # fmt: skip
+    except MxconvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line that says what to do
+        raise explain(e, repo_id=repo_id, endpoint=api.endpoint) from None
+
+
 def check_file_sizes(*, out_dir: Path, sizes: dict[str, int], limit: int) -> None:
     """Refuse before uploading anything when a file is over the Hub's per-file limit."""
     over = sorted(name for name, size in sizes.items() if size > limit)

@@ -304,3 +304,43 @@ def test_convert_with_push_to_hub(hub, tmp_path):
     result = CliRunner().invoke(main, [str(src), str(out), "--bf16", "derive", "--push-to-hub", REPO, "--no-progress"])
     assert result.exit_code == 0, result.output
     assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(out)
+
+
+# --push-to-hub: checked before converting; a failed push leaves a finished conversion and the line to resume
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return make_tiny_checkpoint(tmp_path / "src", seed=2)
+
+
+@pytest.mark.parametrize(
+    "setup,repo,match",
+    [
+        (lambda hub, mp: mp.delenv("HF_TOKEN"), REPO, r"--push-to-hub: no Hugging Face token"),
+        (lambda hub, mp: mp.setenv("HF_TOKEN", "hf_nobody"), REPO, r"the Hub refused the token \(401\)"),
+        (lambda hub, mp: hub.roles.update(hf_alice="read"), REPO, r"this token is read-only"),
+        (lambda hub, mp: None, "bob/model", r"the token of alice may not write under bob"),
+        (lambda hub, mp: hub.add_repo(REPO, owner="alice"), REPO, r"exists and is public, but --private was asked"),
+    ],
+    ids=["no_token", "bad_token", "read_only", "other_namespace", "public_but_private_asked"],
+)
+def test_push_target_is_checked_before_converting(hub, tiny, tmp_path, monkeypatch, setup, repo, match):
+    setup(hub, monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(MxconvertError, match=match):
+        convert(model_dir=str(tiny), out_dir=str(out), progress=False, push_to_hub=repo, private=True)
+    assert not out.exists()  # refused before a byte was converted
+
+
+def test_a_failed_push_after_converting_says_how_to_resume(hub, tiny, tmp_path):
+    out = tmp_path / "out"
+    hub.fail("POST", r"/commit/", 500, times=20)
+    with pytest.raises(MxconvertError) as e:
+        convert(model_dir=str(tiny), out_dir=str(out), progress=False, push_to_hub=REPO, revision="v1")
+    message = str(e.value)
+    assert "the conversion in" in message and "is finished and verified; only the push failed" in message
+    assert message.endswith(f"the push with: mxconvert push {out} {REPO} --revision v1.")
+    hub.faults.clear()
+    push(out_dir=out, repo_id=REPO, revision="v1")
+    assert "mxconvert.json" in hub.files(REPO, "v1")
