@@ -208,32 +208,9 @@ def _dot(x, y, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_a(a_ptr, offs, mask, K, stride_as, alpha, beta, limit, A_SWIGLU: tl.constexpr, A_SPLIT: tl.constexpr,
-            UPCAST: tl.constexpr):  # fmt: skip
-    # The A tile at element offsets offs of a [rows, K] matrix. A_SWIGLU: A = SwiGLU-OAI(y1) computed here from
-    # y1 [P, 2K] (gate | up; BF16, or A_SPLIT fp32 partials [A_SPLIT, P, 2K] summed and rounded to BF16 first),
-    # rounded to BF16 as quant.swiglu_oai stores it: the activation kernel's launch folded into GEMM2.
-    if A_SWIGLU:
-        g = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(a_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
-        if A_SPLIT > 1:
-            for s in tl.static_range(1, A_SPLIT):
-                g += tl.load(a_ptr + s * stride_as + offs, mask=mask, other=0.0)
-                u += tl.load(a_ptr + s * stride_as + offs + K, mask=mask, other=0.0)
-            g = _to_bf16(g, UPCAST).to(tl.float32)
-            u = _to_bf16(u, UPCAST).to(tl.float32)
-        gate = tl.minimum(g, limit)
-        up = tl.minimum(tl.maximum(u, -limit), limit)
-        return _to_bf16(gate / (1.0 + tl.exp(-alpha * gate)) * (up + beta), UPCAST)
-    else:
-        return tl.load(a_ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am, stride_asm, stride_as,
-            stride_bn, stride_bsg, alpha, beta, limit, MODE: tl.constexpr, SCALE_SHIFT: tl.constexpr,
-            SWAP_AB: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr,
-            A_SWIGLU: tl.constexpr, A_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am, stride_asm, stride_bn,
+            stride_bsg, MODE: tl.constexpr, SCALE_SHIFT: tl.constexpr, SWAP_AB: tl.constexpr, UPCAST: tl.constexpr,
+            EVEN_K: tl.constexpr, DEQUANT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     # One BLOCK_K step of the accumulation (see the module docstring for the modes).
     G: tl.constexpr = BLOCK_K // 32
     if MODE == 2:
@@ -265,8 +242,9 @@ def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok,
         k_ok = (kk < K) | EVEN_K  # EVEN_K: no K tail, so no mask for the compiler to keep
         gg = k0 // 32 + tl.arange(0, G)
         if SWAP_AB:
-            a = _load_a(a_ptr, rows[None, :] * stride_am + kk[:, None], row_ok[None, :] & k_ok[:, None], K, stride_as,
-                        alpha, beta, limit, A_SWIGLU, A_SPLIT, UPCAST)  # fmt: skip
+            a = tl.load(
+                a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
+            )
             b = tl.load(
                 b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
             )
@@ -284,8 +262,9 @@ def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok,
                 )
             acc = _dot(b, a, acc, UPCAST)
         else:
-            a = _load_a(a_ptr, rows[:, None] * stride_am + kk[None, :], row_ok[:, None] & k_ok[None, :], K, stride_as,
-                        alpha, beta, limit, A_SWIGLU, A_SPLIT, UPCAST)  # fmt: skip
+            a = tl.load(
+                a_ptr + rows[:, None] * stride_am + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
             b = tl.load(
                 b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
             )
@@ -344,15 +323,11 @@ def _fused_moe_kernel(
     E,
     stride_am,
     stride_asm,
-    stride_as,
     stride_be,
     stride_bn,
     stride_bse,
     stride_bsg,
     stride_cm,
-    alpha,
-    beta,
-    limit,
     A_DIV: tl.constexpr,
     MODE: tl.constexpr,
     SCALE_SHIFT: tl.constexpr,
@@ -362,10 +337,7 @@ def _fused_moe_kernel(
     EVEN_K: tl.constexpr,
     DEQUANT: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    N_TILES: tl.constexpr,
     DIRECT: tl.constexpr,
-    A_SWIGLU: tl.constexpr,
-    A_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -374,14 +346,13 @@ def _fused_moe_kernel(
     # Shape legend: P pairs, N out, K in, G = K / 32; A [P / A_DIV, K], B [E, N, K], C [P, N]
     # (SPLIT_K > 1: fp32 C [SPLIT_K, P, N]). DIRECT: no alignment; program row block m is pair m alone and
     # expert_ids_ptr the flat top-k ids (decode: skips the alignment launch; pairs sharing an expert stream
-    # its weights once each). N_TILES: consecutive N tiles per program in one flat loop, so the software
-    # pipeline runs on across tiles (short K: GEMM2).
+    # its weights once each).
     pid = tl.program_id(0)
     if DIRECT:
         num_m = P
     else:
         num_m = tl.cdiv(tl.load(num_post_pad_ptr), BLOCK_M)
-    num_n = tl.cdiv(tl.cdiv(N, BLOCK_N), N_TILES)
+    num_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_n
     first_m = (pid // in_group) * GROUP_M
     group_m = tl.minimum(num_m - first_m, GROUP_M)
@@ -416,25 +387,9 @@ def _fused_moe_kernel(
         k_hi = tl.minimum(k_lo + per, K)
         c_ptr += tl.program_id(1).to(tl.int64) * P * stride_cm
 
-    if N_TILES == 1:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
-                          stride_asm, stride_as, stride_bn, stride_bsg, alpha, beta, limit, MODE, SCALE_SHIFT,
-                          SWAP_AB, UPCAST, EVEN_K, DEQUANT, A_SWIGLU, A_SPLIT, BLOCK_K)  # fmt: skip
-        _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIGHT, SWAP_AB, UPCAST, SPLIT_K > 1)
-    else:
-        steps = tl.cdiv(k_hi - k_lo, BLOCK_K)
-        for it in range(0, N_TILES * steps):
-            j = it // steps
-            k0 = k_lo + (it - j * steps) * BLOCK_K
-            offs_n = (pid_n * N_TILES + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            acc = tl.where(k0 == k_lo, 0.0, acc)  # a new tile starts
-            acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
-                          stride_asm, stride_as, stride_bn, stride_bsg, alpha, beta, limit, MODE, SCALE_SHIFT,
-                          SWAP_AB, UPCAST, EVEN_K, DEQUANT, A_SWIGLU, A_SPLIT, BLOCK_K)  # fmt: skip
-            if k0 + BLOCK_K >= k_hi:
-                _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIGHT, SWAP_AB, UPCAST,
-                         SPLIT_K > 1)  # fmt: skip
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am, stride_asm,
+                      stride_bn, stride_bsg, MODE, SCALE_SHIFT, SWAP_AB, UPCAST, EVEN_K, DEQUANT, BLOCK_K)  # fmt: skip
+    _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIGHT, SWAP_AB, UPCAST, SPLIT_K > 1)

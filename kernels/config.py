@@ -19,7 +19,6 @@ class GemmTile:
     swap_ab: bool = False  # weights as the MMA's left operand: wgmma at few tokens per expert
     group_m: int = 8
     split_k: int = 1  # K slices on separate programs (fp32 partials): more CTAs streaming at decode
-    n_tiles: int = 1  # N tiles per program in one flat loop: the pipeline runs across tiles (short K)
     dequant: str = "auto"  # W8A16 FP8 -> BF16 route: "fp32", "bits", "asm" (moe_gemm.resolve_dequant)
 
 
@@ -29,7 +28,6 @@ class MoeConfig:
     gemm1: GemmTile
     gemm2: GemmTile
     direct: bool = False  # no alignment: a block per pair (decode: one launch less; shared experts re-read)
-    fuse_swiglu: bool = False  # GEMM2 computes the activation from GEMM1's output (one launch less; not W8A8)
 
 
 # Native MXFP8 formulation per device family; Hopper's settled by the bench (notes/kernels.md).
@@ -37,7 +35,7 @@ NATIVE_MODE = {"gfx942": "w8a8", "hopper": "w8a16", "cpu": "w8a8", "other": "w8a
 
 Tile = GemmTile
 SWAP_AB = True
-# Hopper: (largest tokens per expert (T * k / E), block_m, GEMM1 tile, GEMM2 tile), first match wins.
+# Hopper: (largest tokens per expert (T * k / E), block_m, GEMM1 tile, GEMM2 tile[, DIRECT]), first match wins.
 # Rows are the sweep's best at T 1, 8-32, 128, 512, 1024, 4096, 8192 (top-4 of 128 experts).
 HOPPER = {
     "bf16": [
@@ -72,9 +70,12 @@ HOPPER = {
 
 
 # H200 W8A16 (scripts/bench_moe.py --sweep, 2026-12-02): tiles with the NVIDIA dequantization routes
-# (resolve_dequant: "auto"); GEMM1 split over K at decode, where 4-32 row blocks leave SMs idle.
+# (resolve_dequant: "auto"); GEMM1 split over K at decode, where 4-32 row blocks leave SMs idle; no
+# alignment launch up to T 8 (DIRECT rows: 30 vs 40 us at T 1, 100 vs 112 at T 8; a tie at T 16).
+DIRECT = "direct"
 H200_W8A16 = [
-    (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB, split_k=4), Tile(64, 128, 4, 3)),
+    (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB, split_k=4), Tile(64, 128, 4, 3), DIRECT),
+    (0.25, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB), DIRECT),
     (0.5, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB)),
     (8, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
     (24, 32, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
@@ -147,7 +148,7 @@ def moe_config(
         return MoeConfig(
             bm, _gfx942(tpe, pairs, 2 * intermediate, hidden, bm), _gfx942(tpe, pairs, hidden, intermediate, bm)
         )
-    for limit, bm, t1, t2 in hopper_table(device)[mode]:
+    for limit, bm, t1, t2, *flags in hopper_table(device)[mode]:
         if limit is None or tpe <= limit:
-            return MoeConfig(bm, t1, t2)
+            return MoeConfig(bm, t1, t2, direct=DIRECT in flags)
     raise AssertionError("unreachable: the last row has no limit")

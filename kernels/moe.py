@@ -101,21 +101,8 @@ def _forward(
         )
     else:  # BF16 activations; FP8 weights (w8a16) are dequantized in registers
         y1 = moe_gemm(hidden.contiguous(), w13, a_div=k, tile=config.gemm1, b_scale=w13_scale, **gemm)
-        if config.fuse_swiglu:  # GEMM2 applies the activation as it reads y1
-            a2, act = y1, activation
-        else:
-            a2, act = swiglu_oai(y1, act=activation), None
-        y2 = moe_gemm(
-            a2,
-            w2,
-            a_div=1,
-            tile=config.gemm2,
-            b_scale=w2_scale,
-            topk_weights=weights,
-            zero=outside,
-            a_swiglu=act,
-            **gemm,
-        )
+        a2 = swiglu_oai(y1, act=activation)
+        y2 = moe_gemm(a2, w2, a_div=1, tile=config.gemm2, b_scale=w2_scale, topk_weights=weights, zero=outside, **gemm)
     return y2.view(t, k, h).sum(dim=1)  # one kernel, fp32 accumulation inside, BF16 out
 
 

@@ -11,7 +11,6 @@ from mxconvert.errors import MxconvertError
 from mxconvert.kernels._moe_gemm import _fused_moe_kernel
 from mxconvert.kernels.align import Alignment
 from mxconvert.kernels.config import GemmTile
-from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.layout import BLOCK, dequantize, unpack_scales
 
 MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
@@ -36,21 +35,17 @@ def moe_gemm(
     zero: bool = False,
     topk_ids: torch.Tensor | None = None,
     block_m: int = 16,
-    a_swiglu: SwigluOAI | None = None,
 ) -> torch.Tensor:
     """C [P, N] BF16 = A[p // a_div] @ B[expert(p)]^T (* topk_weights[p]); no host synchronization.
     Rows of pairs that no block holds (ids outside [0, E)) are left unwritten: zeros with zero=True.
     tile.split_k > 1: fp32 partial sums [split_k, P, N] instead, which the caller adds up.
     align None: no alignment, each pair its own block_m block (topk_ids [T, k] int32 give the experts).
-    a_swiglu: A is GEMM1's output y1 [P, 2K] (BF16, or split-K partials fp32 [S, P, 2K]) and the GEMM reads
-    swiglu_oai(y1) (W8A16 and BF16 only).
 
     FP8 B bytes are E4M3FNUZ. fp8_format "fnuz" feeds them to the dot as they are (gfx942); "fn" reads
     them as E4M3FN, which doubles each value, and lowers every scale exponent by one (exact) to undo it.
     """
     e, n, k = b.shape
-    ka = a.shape[-1] // 2 if a_swiglu else a.shape[-1]
-    if k % BLOCK or ka != k:
+    if k % BLOCK or a.shape[-1] != k:
         raise MxconvertError(
             "moe_gemm", f"K {k} of B [{e}, {n}, {k}] vs A {tuple(a.shape)}", "K must match and be a multiple of 32"
         )
@@ -60,7 +55,7 @@ def moe_gemm(
             f"scales {None if b_scale is None else tuple(b_scale.shape)}",
             f"pass packed E8M0 scales [{e}, {k // BLOCK}, {n}]",
         )
-    if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values() or a_swiglu):
+    if mode == "w8a8" and (a_scale is None or a.dtype not in FP8_VIEW.values()):
         raise MxconvertError("moe_gemm", "w8a8 without FP8 activations", "quantize A with quantize_mxfp8")
     if align is None and (topk_ids is None or topk_ids.numel() != num_pairs):
         raise MxconvertError("moe_gemm", "no alignment and no topk_ids", "pass align or topk_ids [T, k]")
@@ -74,7 +69,7 @@ def moe_gemm(
         b = b.view(torch.uint8) if dequant != "fp32" else b.view(torch.uint8).view(FP8_VIEW[fp8_format])
     if mode == "w8a8":
         a = a.view(torch.uint8).view(FP8_VIEW[fp8_format])
-    n_groups = -(-(-(-n // tile.block_n)) // tile.n_tiles)
+    n_tiles = -(-n // tile.block_n)
     dummy = c
     if align is None:
         ids = topk_ids.reshape(-1)
@@ -82,9 +77,7 @@ def moe_gemm(
     else:
         blocks, bm = align.max_blocks, align.block_m
         sorted_ids, expert_ids, num_post_pad = align.sorted_ids, align.expert_ids, align.num_post_pad
-    act = a_swiglu or SwigluOAI()
-    a_split = a.shape[0] if a_swiglu and a.dim() == 3 else 1
-    _fused_moe_kernel[(blocks * n_groups, split)](
+    _fused_moe_kernel[(blocks * n_tiles, split)](
         a,
         a_scale if a_scale is not None else dummy,
         b,
@@ -98,17 +91,13 @@ def moe_gemm(
         k,
         num_pairs,
         e,
-        a.stride(-2),
+        a.stride(0),
         a_scale.stride(0) if a_scale is not None else 0,
-        a.stride(0) if a_split > 1 else 0,
         b.stride(0),
         b.stride(1),
         b_scale.stride(0) if b_scale is not None else 0,
         b_scale.stride(1) if b_scale is not None else 0,
         c.stride(-2),
-        act.alpha,
-        act.beta,
-        act.limit,
         A_DIV=a_div,
         MODE=MODES[mode],
         SCALE_SHIFT=int(fp8_format == "fn"),
@@ -118,10 +107,7 @@ def moe_gemm(
         EVEN_K=k % tile.block_k == 0,
         DEQUANT=DEQUANT[dequant],
         SPLIT_K=split,
-        N_TILES=tile.n_tiles,
         DIRECT=align is None,
-        A_SWIGLU=a_swiglu is not None,
-        A_SPLIT=a_split,
         BLOCK_M=bm,
         BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k,

@@ -15,10 +15,11 @@ def test_hopper_table_is_ordered_and_valid(gpu, mode):
     limits = [r[0] for r in rows[:-1]]
     assert limits == sorted(limits) and rows[-1][0] is None
     for _, bm, *tiles in rows:
+        tiles = [t for t in tiles if t != cfg.DIRECT]
         assert bm in (16, 32, 64, 128)
         for t in tiles:
             assert t.block_k % 32 == 0 and t.block_k & (t.block_k - 1) == 0 and t.num_warps in (1, 2, 4, 8)
-            assert t.split_k >= 1 and t.n_tiles >= 1 and t.dequant == "auto"
+            assert t.split_k >= 1 and t.dequant == "auto"
 
 
 def test_seed_gfx942_rules():
@@ -30,6 +31,7 @@ def test_seed_gfx942_rules():
 
 def test_block_m_follows_tokens_per_expert(monkeypatch):
     monkeypatch.setattr(cfg, "device_family", lambda device=None: "hopper")
+    monkeypatch.setattr(cfg, "hopper_table", lambda device=None: cfg.TABLES["h100"])
     pick = lambda t: (
         cfg.moe_config(tokens=t, top_k=4, num_experts=128, hidden=6144, intermediate=384, mode="w8a16").block_m
     )
@@ -48,3 +50,12 @@ def test_forward_argument_errors():
         moe_experts_bf16(x, w[:1], ids, w13_bf16=w13, w2_bf16=w2)
     with pytest.raises(MxconvertError, match="mode"):
         moe_experts_mxfp8(x, w, ids, w13=w13, w13_scale=None, w2=w2, w2_scale=None, mode="fp4")
+
+
+def test_h200_table_decode_rows(monkeypatch):
+    # H200 W8A16: no alignment launch and split-K GEMM1 up to T 8; aligned blocks from T 16
+    monkeypatch.setattr(cfg, "device_family", lambda device=None: "hopper")
+    monkeypatch.setattr(cfg, "hopper_table", lambda device=None: cfg.TABLES["h200"])
+    pick = lambda t: cfg.moe_config(tokens=t, top_k=4, num_experts=128, hidden=6144, intermediate=384, mode="w8a16")
+    assert [pick(t).direct for t in (1, 8, 16, 1024)] == [True, True, False, False]
+    assert pick(1).gemm1.split_k == 4 and pick(128).gemm1.split_k == 1

@@ -67,11 +67,9 @@ def test_forward_split_k(mode, device, gen):
 
 @pytest.mark.parametrize("mode", ["w8a16", "bf16", "w8a8"])
 def test_forward_decode_variants(mode, device, gen):
-    # no alignment (direct), GEMM2 computing the activation (fused), split-K and multi-tile programs together
+    # no alignment (direct) with split-K GEMM1
     x, w, ids, fp8, wf = make(3, 4, 8, 192, 64, gen, device)
-    conf = MoeConfig(
-        16, GemmTile(32, 64, 4, 1, split_k=2), GemmTile(32, 64, 4, 1, n_tiles=2), direct=True, fuse_swiglu=True
-    )
+    conf = MoeConfig(16, GemmTile(32, 64, 4, 1, split_k=2), GemmTile(32, 64, 4, 1, swap_ab=True), direct=True)
     q = fp8_format(x.device) if mode == "w8a8" else None
     ref = moe_experts_reference(x, w, ids, **wf, quantize=q)
     if mode == "bf16":
@@ -86,7 +84,7 @@ def test_direct_zero_outside_experts(device, gen):
     x, w, ids, fp8, wf = make(4, 2, 4, 64, 32, gen, device)
     ids_ep = ids.clone()
     ids_ep[0] = torch.tensor([-1, 9], dtype=ids.dtype)
-    conf = MoeConfig(16, GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1), direct=True, fuse_swiglu=True)
+    conf = MoeConfig(16, GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1), direct=True)
     out = moe_experts_mxfp8(x, w, ids_ep, **fp8, mode="w8a16", config=conf, zero_outside_experts=True)
     assert torch.count_nonzero(out[0]) == 0
     assert rel_err(out, moe_experts_reference(x, w, ids_ep, **wf)) < 1e-2
