@@ -1,12 +1,19 @@
-"""Benchmark the MoE experts forwards on one GPU: ours (W8A8, W8A16, BF16) against torch._grouped_mm BF16.
+"""Benchmark the MoE experts forwards on one GPU: ours (W8A16, W8A8, BF16) beside the peers a user could pick.
 
-Each latency is the whole experts forward (routing alignment, activation quantization, both GEMMs, the
-activation, the top-k sum), captured in a CUDA graph and replayed (median of device-event timings).
-Limits measured in the same run: device copy bandwidth (bytes read + written) and torch._scaled_mm FP8
-at 8192^3. Weights are random FNUZ bytes with E8M0 scales in the FORMAT.md layouts; routing is uniform.
+Peers (--peers DIR, a copy of the peer harness with vllm_fused_moe.py, hm_moe.py and configs/): the block-FP8
+128x128 W8A8 path (vLLM's Triton fused-MoE kernel with its tuned H200 config, on the MXFP8 weights
+requantized to 128x128 blocks as SGLang / vLLM PR 45726 do at load) and Humming's MXFP8 W8A16 / W8A8 where
+the humming-kernels package is installed (skipped with a note otherwise). Every path gets the same MXFP8
+values, hidden states and routing; its error is the relative Frobenius error against a float32 forward
+from the same weights. Each latency is the whole experts forward (alignment, activation quantization, both
+GEMMs, the activation, the top-k sum), captured in a CUDA graph and replayed (median of device-event
+timings); the FP8 floor is the touched experts' FP8 bytes at the copy bandwidth measured in the same run.
+Resident bytes: the expert tensors each path keeps for one layer at the shape (per rank).
 
-  python3 scripts/bench_moe.py --json out.json            # the table (TP8 and TP1 shapes)
-  python3 scripts/bench_moe.py --sweep --json sweep.json  # per-GEMM tile sweep at TP8 (kernels/config.py)
+  python3 scripts/bench_moe.py --peers .bench-peers --json out.json   # the table: TP8 uniform, TP8 Zipf,
+                                                                      # TP4 uniform (--runs to change)
+  python3 scripts/bench_moe.py --sweep --modes w8a16 --json sweep.json  # per-GEMM tile sweep (kernels/config.py)
+  python3 scripts/bench_moe.py --compare-routes fp32,asm_f16_pair,asm_f16_1 --tokens 8,128  # W8A16 routes
   python3 scripts/bench_moe.py --hybrid --shapes tp8      # the runtime's MoELayer (hybrid dispatch, tuned
                                                           # bands) beside each single path, per token count
 """
@@ -30,8 +37,8 @@ from mxconvert.kernels.moe_gemm import moe_gemm  # noqa: E402
 from mxconvert.kernels.quant import quantize_mxfp8, swiglu_oai  # noqa: E402
 from mxconvert.layout import dequantize_bf16, unpack_scales  # noqa: E402
 
-SHAPES = {"tp8": (128, 6144, 384, 4), "tp1": (128, 6144, 3072, 4)}  # E, H, I per rank, top-k
-TOKENS = [1, 8, 32, 128, 512, 1024, 4096, 8192]
+SHAPES = {"tp8": (128, 6144, 384, 4), "tp4": (128, 6144, 768, 4), "tp1": (128, 6144, 3072, 4)}  # E, H, I/rank, k
+TOKENS = [1, 8, 32, 128, 512, 1024, 4096]
 
 
 def bench(fn, graph=True):
@@ -94,70 +101,132 @@ def grouped_mm_forward(x, w, ids, w13t, w2t):
     return y2[inverse].view(t, k, -1).sum(1)
 
 
-def table(shapes, tokens, copy_gbs, fp8_tflops):
+def zipf_routing(t, k, e, seed, s=1.2, device="cuda"):
+    """Skewed routing: expert popularity ~ 1 / rank**s (ranks shuffled once), k distinct experts per token."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rank = torch.randperm(e, generator=g, device=device).float() + 1
+    probs = (rank**-s).expand(t, e)
+    ids = torch.multinomial(probs, k, replacement=False, generator=g).to(torch.int32)
+    w = torch.rand(t, k, generator=g, device=device) + 0.1
+    return ids, w / w.sum(1, keepdim=True)
+
+
+PEERS = ("hm_w8a16", "hm_w8a8", "vllm_fp8b128")
+
+
+def load_peers(peers_dir):
+    """The peer kernels: the carried peer harness (vllm_fused_moe.py, hm_moe.py) from peers_dir, and Humming
+    where its package is installed. Returns (vllm module or None, hm module or None, notes)."""
+    notes = []
+    if not peers_dir:
+        return None, None, ["no --peers: the block-FP8 128x128 and Humming paths are not run"]
+    sys.path.insert(0, str(Path(peers_dir).resolve()))
+    import vllm_fused_moe as vfm
+
+    try:
+        import hm_moe
+        import humming  # noqa: F401
+    except ImportError as exc:
+        hm_moe = None
+        notes.append(f"Humming skipped: {exc} (install humming-kernels, the optional bench extra)")
+    return vfm, hm_moe, notes
+
+
+def requant_block128(w):
+    """BF16 [E, N, K] -> E4M3FN with FP32 scales [E, N/128, K/128], scale = block amax / 448: the load-time
+    conversion SGLang and vLLM PR 45726 apply to MXFP8 weights for the block-FP8 kernel."""
+    e, n, k = w.shape
+    q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    sc = torch.empty(e, n // 128, k // 128, dtype=torch.float32, device=w.device)
+    for j in range(0, e, 16):
+        wf = w[j : j + 16].float().view(-1, n // 128, 128, k // 128, 128)
+        s = (wf.abs().amax(dim=(2, 4)) / 448.0).clamp(min=1e-12)
+        q[j : j + 16] = (wf / s[:, :, None, :, None]).to(torch.float8_e4m3fn).view(-1, n, k)
+        sc[j : j + 16] = s
+    return q, sc
+
+
+def rel_err(out, ref):
+    out = out.float()
+    return float((out - ref).norm() / ref.norm()) if torch.isfinite(out).all() else float("nan")
+
+
+def table(shapes, tokens, copy_gbs, fp8_tflops, *, routings=("uniform",), peers_dir=None, x_std=0.1):
+    """Whole experts forwards of ours and the peers on the same MXFP8 values, hidden states and routing:
+    latency, error against float32 from the same weights, % of the FP8 floor, resident bytes per layer."""
+    from mxconvert.kernels.align import align_routing as _align
+    from mxconvert.kernels.moe import moe_experts_reference
+    from mxconvert.kernels.moe_gemm import dequantized_weights
+
+    vfm, hm_moe, notes = load_peers(peers_dir)
+    for n in notes:
+        print(n, flush=True)
+
+    def align_fn(ids, block_m):
+        a = _align(ids, num_experts=e, block_m=block_m)
+        return a.sorted_ids, a.expert_ids, a.num_post_pad
+
     rows = []
     for name in shapes:
         e, h, i, k = SHAPES[name]
         fp8, bf = make_weights(e, h, i)
-        # the baseline in both weight layouts (K-contiguous views and N-contiguous copies); the faster counts
-        w13t, w2t = bf["w13_bf16"].transpose(1, 2), bf["w2_bf16"].transpose(1, 2)
-        w13c, w2c = w13t.contiguous(), w2t.contiguous()
-        per_expert = 3 * h * i  # weights of one expert, both GEMMs
-        for t in tokens:
-            x = torch.randn(t, h, device="cuda").bfloat16()
-            ids, w = routing(t, k, e, t)
-            touched = int(torch.unique(ids).numel())
-            flops = 2 * t * k * per_expert
-            bytes_ = {"fp8": touched * per_expert * (1 + 1 / 32), "bf16": touched * per_expert * 2}
-            floor = max(bytes_["fp8"] / (copy_gbs * 1e3), flops / (fp8_tflops * 1e6))
-            paths = {
-                "ours_w8a8": (lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a8"), "fp8"),
-                "ours_w8a16": (lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16"), "fp8"),
-                "ours_bf16": (lambda: moe_experts_bf16(x, w, ids, **bf), "bf16"),
-                "grouped_mm_bf16": (lambda: grouped_mm_forward(x, w, ids, w13t, w2t), "bf16"),
-                "grouped_mm_bf16_kn": (lambda: grouped_mm_forward(x, w, ids, w13c, w2c), "bf16"),
-            }
-            # context only: the baseline's two GEMMs alone, on pre-sorted inputs
-            order = torch.argsort(ids.reshape(-1))
-            offs = torch.cumsum(torch.bincount(ids.reshape(-1), minlength=e), 0, dtype=torch.int32)
-            xs, a_s = x[order // k], torch.randn(t * k, i, device="cuda").bfloat16()
-            gemms_us = bench(lambda: (torch._grouped_mm(xs, w13t, offs=offs), torch._grouped_mm(a_s, w2t, offs=offs)))
-            res = {}
-            for p, (fn, kind) in paths.items():
-                try:
-                    us = bench(fn)
-                except Exception as exc:  # a path that fails is reported, not hidden
-                    print(f"{name} T={t} {p}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                    continue
-                gbs = bytes_[kind] / (us * 1e3)
-                res[p] = dict(
-                    us=us,
-                    gbs=gbs,
-                    tflops=flops / (us * 1e6),
-                    bw_frac=gbs / copy_gbs,
-                    fp8_frac=flops / (us * 1e6) / fp8_tflops,
-                )
-            kn = res.pop("grouped_mm_bf16_kn", None)
-            if kn and ("grouped_mm_bf16" not in res or kn["us"] < res["grouped_mm_bf16"]["us"]):
-                res["grouped_mm_bf16"] = dict(kn, layout="[E, K, N] contiguous")
-            base = res.get("grouped_mm_bf16", {}).get("us")
-            for p in res:
-                res[p]["speedup"] = base / res[p]["us"] if base else None
-            rows.append(
-                dict(
-                    shape=name,
-                    tokens=t,
-                    experts_touched=touched,
-                    floor_us=floor,
-                    paths=res,
-                    grouped_mm_gemms_only_us=gemms_us,
-                )
+        wf = dict(w13=dequantized_weights(fp8["w13"], fp8["w13_scale"]), w2=dequantized_weights(fp8["w2"], fp8["w2_scale"]))
+        nbytes = lambda *ts: sum(t.nbytes for t in ts)
+        paths = {
+            "ours_w8a16": (lambda x, w, ids: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16"), nbytes(*fp8.values())),
+            "ours_w8a8": (lambda x, w, ids: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a8"), nbytes(*fp8.values())),
+            "ours_bf16": (lambda x, w, ids: moe_experts_bf16(x, w, ids, **bf), nbytes(*bf.values())),
+        }
+        setup = {}
+        if vfm is not None:  # FNUZ bytes read as E4M3FN (the peers' format) are the same values with scale - 1
+            from mxconvert.kernels.quant import swiglu_oai
+
+            q13, qs13 = requant_block128(bf["w13_bf16"])
+            q2, qs2 = requant_block128(bf["w2_bf16"])
+            setup["requant_weight_err"] = rel_err(q13.float().view(e, 2 * i // 128, 128, h // 128, 128).mul(
+                qs13[:, :, None, :, None]).view(e, 2 * i, h), wf["w13"])  # fmt: skip
+            conf = vfm.load_config("vllm_E128_N384_H200_fp8_block128.json")  # vLLM's tuned H200 config (N 384)
+            paths["vllm_fp8b128"] = (
+                lambda x, w, ids: vfm.fused_experts(x, w, ids, q13, q2, configs=conf, align_fn=align_fn,
+                    act_fn=swiglu_oai, w1_scale=qs13, w2_scale=qs2, block_shape=[128, 128]),  # fmt: skip
+                nbytes(q13, qs13, q2, qs2),
             )
-            line = f"gmm-gemms-only={gemms_us:.1f}us " + " ".join(
-                f"{p}={r['us']:.1f}us({r['speedup']:.2f}x)" for p, r in res.items() if r["speedup"]
-            )
-            print(f"{name} T={t} floor={floor:.1f}us {line}", flush=True)
-        fp8 = bf = w13t = w2t = w13c = w2c = None  # free before the next shape (a del confuses ruff F821)
+            if hm_moe is not None:
+                fn13, fn2 = fp8["w13"], fp8["w2"]
+                s13, s2 = fp8["w13_scale"] - 1, fp8["w2_scale"] - 1
+                for mode in ("w8a16", "w8a8"):
+                    t0 = time.time()
+                    m = hm_moe.HummingMoE(fn13, s13, fn2, s2, mode=mode, tokens=tokens, top_k=k, align_fn=align_fn,
+                                          act_fn=swiglu_oai, mul_sum_fn=vfm.moe_fused_mul_sum)  # fmt: skip
+                    held = nbytes(*[t for t in list(m.layer.parameters()) + list(m.layer.buffers())])
+                    setup[f"hm_{mode}_build_s"] = round(time.time() - t0, 1)
+                    paths[f"hm_{mode}"] = (lambda x, w, ids, m=m: m(x, w, ids), held)
+        per_expert = 3 * h * i
+        for routing_name in routings:
+            for t in tokens:
+                x = (torch.randn(t, h, device="cuda") * x_std).bfloat16()
+                ids, w = (zipf_routing if routing_name == "zipf" else routing)(t, k, e, t)
+                touched = int(torch.unique(ids).numel())
+                flops = 2 * t * k * per_expert
+                floor = max(touched * per_expert * (1 + 1 / 32) / (copy_gbs * 1e3), flops / (fp8_tflops * 1e6))
+                ref = moe_experts_reference(x, w, ids, **wf)
+                res = {}
+                for p, (fn, held) in paths.items():
+                    try:
+                        err = rel_err(fn(x, w, ids), ref)
+                        us = bench(lambda: fn(x, w, ids))
+                    except Exception as exc:  # a path that fails is reported, not hidden
+                        print(f"{name} {routing_name} T={t} {p}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                        continue
+                    res[p] = dict(us=us, err=err, floor_frac=floor / us, resident_bytes=held)
+                best_peer = min((v["us"] for p, v in res.items() if p in PEERS), default=None)
+                for v in res.values():
+                    v["vs_best_peer"] = v["us"] / best_peer if best_peer else None
+                rows.append(dict(shape=name, routing=routing_name, tokens=t, experts_touched=touched, floor_us=floor,
+                                 paths=res, setup=setup))  # fmt: skip
+                print(f"{name} {routing_name} T={t} floor {floor:.1f}us " + " ".join(
+                    f"{p} {v['us']:.1f}us/{100 * v['err']:.2f}%" for p, v in res.items()), flush=True)  # fmt: skip
+        fp8 = bf = wf = paths = None  # free before the next shape (a del confuses ruff F821)
         torch.cuda.empty_cache()
     return rows
 
@@ -167,14 +236,27 @@ def print_table(rows, copy_gbs, fp8_tflops):
         f"\ndevice: {torch.cuda.get_device_name()}  copy {copy_gbs:.0f} GB/s  _scaled_mm FP8 8192^3 "
         f"{fp8_tflops:.0f} TFLOP/s  native mode: {cfg.native_mode()}"
     )
-    print("| shape | T | path | us | x grouped_mm | GB/s weights | % copy BW | TFLOP/s | % FP8 peak | floor us |")
+    print("us = whole experts forward (CUDA-graph replay, median); err = relative Frobenius error vs float32 from")
+    print("the same weights; floor = the touched experts' FP8 bytes at copy bandwidth; x best peer = us / fastest peer")
+    print("| shape | routing | T | path | us | x best peer | % of floor | err % | resident MB/layer | floor us |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for p, v in r["paths"].items():
+            vs = f"{v['vs_best_peer']:.2f}" if v["vs_best_peer"] else "-"
             print(
-                f"| {r['shape']} | {r['tokens']} | {p} | {v['us']:.1f} | {v['speedup']:.2f} | {v['gbs']:.0f} | "
-                f"{100 * v['bw_frac']:.0f} | {v['tflops']:.1f} | {100 * v['fp8_frac']:.1f} | {r['floor_us']:.1f} |"
+                f"| {r['shape']} | {r['routing']} | {r['tokens']} | {p} | {v['us']:.1f} | {vs} | "
+                f"{100 * v['floor_frac']:.0f} | {100 * v['err']:.2f} | {v['resident_bytes'] / 1e6:.0f} | "
+                f"{r['floor_us']:.1f} |"
             )
+    print("\nbest of ours (native MXFP8 paths only) against the best peer:")
+    for r in rows:
+        ours = {p: v for p, v in r["paths"].items() if p in ("ours_w8a16", "ours_w8a8")}
+        peers = {p: v for p, v in r["paths"].items() if p in PEERS}
+        if ours and peers:
+            po, vo = min(ours.items(), key=lambda kv: kv[1]["us"])
+            pp, vp = min(peers.items(), key=lambda kv: kv[1]["us"])
+            print(f"- {r['shape']} {r['routing']} T={r['tokens']}: {po} {vo['us']:.1f} us vs {pp} {vp['us']:.1f} us "
+                  f"(x{vo['us'] / vp['us']:.2f}, {100 * vo['floor_frac']:.0f}% of floor)")  # fmt: skip
 
 
 SWAP = [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4), (256, 128, 4, 3), (128, 128, 8, 4)]
@@ -377,6 +459,12 @@ def main():
     ap.add_argument("--routes-plain", default="auto", help="with --sweep: W8A16 routes for plain tiles")
     ap.add_argument("--splits", default="2,4", help="with --sweep: GEMM1 split-K factors tried at decode")
     ap.add_argument("--forward", action="store_true", help="with --sweep: whole forwards with the swept configs")
+    ap.add_argument(
+        "--runs",
+        default="tp8:uniform:;tp8:zipf:8,128,1024;tp4:uniform:1,32,512,4096",
+        help="the table's runs, ';'-separated shape:routing:tokens (empty tokens: --tokens)",
+    )
+    ap.add_argument("--peers", type=Path, help="the peer harness folder (vllm_fused_moe.py, hm_moe.py, configs/)")
     ap.add_argument("--hybrid", action="store_true", help="the runtime's hybrid dispatch vs each single path")
     ap.add_argument("--bands", help="with --hybrid: LO,HI instead of the device's tuned bands")
     args = ap.parse_args()
@@ -416,7 +504,19 @@ def main():
         bands = tuple(int(v) for v in args.bands.split(",")) if args.bands else None
         result["hybrid"] = hybrid(args.shapes.split(","), tokens, bands)
     else:
-        result["rows"] = table(args.shapes.split(","), tokens, copy_gbs, fp8_tflops)
+        result["rows"] = []
+        for spec in args.runs.split(";"):  # shape:routing:tokens
+            shape, routing_name, toks = spec.split(":")
+            result["rows"] += table(
+                [shape],
+                [int(v) for v in toks.split(",")] if toks else tokens,
+                copy_gbs,
+                fp8_tflops,
+                routings=(routing_name,),
+                peers_dir=args.peers,
+            )
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
         print_table(result["rows"], copy_gbs, fp8_tflops)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
