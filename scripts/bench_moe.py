@@ -105,7 +105,7 @@ def zipf_routing(t, k, e, seed, s=1.2, device="cuda"):
     """Skewed routing: expert popularity ~ 1 / rank**s (ranks shuffled once), k distinct experts per token."""
     g = torch.Generator(device=device).manual_seed(seed)
     rank = torch.randperm(e, generator=g, device=device).float() + 1
-    probs = (rank**-s).expand(t, e)
+    probs = (rank**-s).expand(t, e).contiguous()
     ids = torch.multinomial(probs, k, replacement=False, generator=g).to(torch.int32)
     w = torch.rand(t, k, generator=g, device=device) + 0.1
     return ids, w / w.sum(1, keepdim=True)
