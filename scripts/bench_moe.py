@@ -151,9 +151,10 @@ def rel_err(out, ref):
     return float((out - ref).norm() / ref.norm()) if torch.isfinite(out).all() else float("nan")
 
 
-def table(shapes, tokens, copy_gbs, fp8_tflops, *, routings=("uniform",), peers_dir=None, x_std=0.1):
+def table(runs, copy_gbs, fp8_tflops, *, peers_dir=None, x_std=0.1, on_row=None):
     """Whole experts forwards of ours and the peers on the same MXFP8 values, hidden states and routing:
-    latency, error against float32 from the same weights, % of the FP8 floor, resident bytes per layer."""
+    latency, error against float32 from the same weights, % of the FP8 floor, resident bytes per layer.
+    runs: [(shape, routing "uniform" / "zipf", [T, ...]), ...]; weights are built once per shape."""
     from mxconvert.kernels.align import align_routing as _align
     from mxconvert.kernels.moe import moe_experts_reference
     from mxconvert.kernels.moe_gemm import dequantized_weights
@@ -167,8 +168,9 @@ def table(shapes, tokens, copy_gbs, fp8_tflops, *, routings=("uniform",), peers_
         return a.sorted_ids, a.expert_ids, a.num_post_pad
 
     rows = []
-    for name in shapes:
+    for name in dict.fromkeys(r[0] for r in runs):
         e, h, i, k = SHAPES[name]
+        tokens = sorted({t for r in runs if r[0] == name for t in r[2]})
         fp8, bf = make_weights(e, h, i)
         wf = dict(w13=dequantized_weights(fp8["w13"], fp8["w13_scale"]), w2=dequantized_weights(fp8["w2"], fp8["w2_scale"]))
         nbytes = lambda *ts: sum(t.nbytes for t in ts)
@@ -202,8 +204,8 @@ def table(shapes, tokens, copy_gbs, fp8_tflops, *, routings=("uniform",), peers_
                     setup[f"hm_{mode}_build_s"] = round(time.time() - t0, 1)
                     paths[f"hm_{mode}"] = (lambda x, w, ids, m=m: m(x, w, ids), held)
         per_expert = 3 * h * i
-        for routing_name in routings:
-            for t in tokens:
+        for _, routing_name, run_tokens in [r for r in runs if r[0] == name]:
+            for t in run_tokens:
                 x = (torch.randn(t, h, device="cuda") * x_std).bfloat16()
                 ids, w = (zipf_routing if routing_name == "zipf" else routing)(t, k, e, t)
                 touched = int(torch.unique(ids).numel())
@@ -226,6 +228,8 @@ def table(shapes, tokens, copy_gbs, fp8_tflops, *, routings=("uniform",), peers_
                                  paths=res, setup=setup))  # fmt: skip
                 print(f"{name} {routing_name} T={t} floor {floor:.1f}us " + " ".join(
                     f"{p} {v['us']:.1f}us/{100 * v['err']:.2f}%" for p, v in res.items()), flush=True)  # fmt: skip
+                if on_row:
+                    on_row(rows)
         fp8 = bf = wf = paths = None  # free before the next shape (a del confuses ruff F821)
         torch.cuda.empty_cache()
     return rows
@@ -504,19 +508,16 @@ def main():
         bands = tuple(int(v) for v in args.bands.split(",")) if args.bands else None
         result["hybrid"] = hybrid(args.shapes.split(","), tokens, bands)
     else:
-        result["rows"] = []
+        runs = []
         for spec in args.runs.split(";"):  # shape:routing:tokens
             shape, routing_name, toks = spec.split(":")
-            result["rows"] += table(
-                [shape],
-                [int(v) for v in toks.split(",")] if toks else tokens,
-                copy_gbs,
-                fp8_tflops,
-                routings=(routing_name,),
-                peers_dir=args.peers,
-            )
+            runs.append((shape, routing_name, [int(v) for v in toks.split(",")] if toks else tokens))
+
+        def save(rows):  # after every row: a run cut short keeps what it measured
             if args.json:
-                args.json.write_text(json.dumps(result, indent=1))
+                args.json.write_text(json.dumps({**result, "rows": rows}, indent=1))
+
+        result["rows"] = table(runs, copy_gbs, fp8_tflops, peers_dir=args.peers, on_row=save)
         print_table(result["rows"], copy_gbs, fp8_tflops)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
