@@ -24,7 +24,7 @@ from .plan import make_plan, parse_size
 from .stream import WORKERS, stream_shards
 from .writer import CONVERT_AGAIN, ShardChecker
 
-READERS = 2 * WORKERS  # reads of the output block on the disk where the converter's writes did not
+READERS = WORKERS + 1  # one more than the converter: reads of the output block where its writes did not
 
 
 def verify(*, out_dir: Path, source: Path | None = None, full: bool = True, progress: bool = False) -> dict:

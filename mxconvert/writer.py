@@ -197,6 +197,19 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+_buffers = threading.local()
+
+
+def _read_buffer(size: int) -> bytearray:
+    """A per-thread bytearray of exactly `size` bytes, reused: a few sizes recur (chunks, row blocks)."""
+    cache = _buffers.__dict__.setdefault("by_size", {})
+    if size not in cache:
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[size] = bytearray(size)
+    return cache[size]
+
+
 class ShardChecker(ShardWriter):
     """verify --source: an existing shard compared with the bytes the converter would write, hashed as
     it is read (the same prefix hashing as ShardWriter), nothing written."""
@@ -210,7 +223,8 @@ class ShardChecker(ShardWriter):
     def _put(self, raw: memoryview, start: int, name: str) -> None:
         for off in range(0, len(raw), HASH_CHUNK):
             want = raw[off : off + HASH_CHUNK]
-            if os.pread(self.fd, len(want), start + off) != want:
+            got = _read_buffer(len(want))  # bytearray == memoryview is a memcmp; memoryview == bytes is 10x slower
+            if os.preadv(self.fd, [got], start + off) != len(want) or got != want:
                 begin = start + off - self.offsets[name]
                 problem = f"bytes [{begin}, {begin + len(want)}) differ from the source's conversion"
                 raise MxconvertError(f"{self.path.name}: {name}", problem, CONVERT_AGAIN)
