@@ -12,30 +12,27 @@ from .checkpoint import SourceCheckpoint
 from .layout import BLOCK
 from .outputs import small_files
 from .plan import Plan
-from .stream import WORKERS
+from .stream import BF16_ROWS, WORKERS
 from .writer import safetensors_header
 
 # Measured by scripts/bench_convert.py (one full-size MiniMax-M3 layer, cold page cache, fsync) on a
 # 2-core, 24 GB machine: output bytes written per second, and the resident set outside the buffers below.
 WRITE_RATE = {"materialize": 0.43e9, "derive": 0.52e9}
 RATE_MEASURED_ON = "a 2-core, 24 GB machine with a ~0.6 GB/s disk (scripts/bench_convert.py)"
-BASE_MEMORY = 330 * 2**20  # interpreter, torch, numpy, thread stacks
+BASE_MEMORY = 240 * 10**6  # interpreter, torch, numpy and mxconvert imported (VmRSS measured)
 CARD_ALLOWANCE = 64 * 2**10  # the model card is written last; a few kB
 
 
 def peak_memory(plan: Plan, *, workers: int = WORKERS) -> int:
-    """The converter's peak resident set: one group's scales as read ([E, 3I, H/32] and [E, H, I/32]) and
-    the packed copy of the larger stack while it is written, plus each worker's expert buffer (w13's
-    [2I, H] FP8 bytes, and its BF16 copy where the group stores one)."""
-    scales = max((g.num_experts * (3 * g.inter * g.hidden + 2 * g.inter * g.hidden) // BLOCK for g in plan.groups),
-                 default=0)  # fmt: skip
+    """The converter's peak resident set: one group's scales as read ([E, 2I, H/32] and [E, H, I/32]) and
+    the packed copy of w13's while it is written, plus each worker's buffers (an expert's w13 values
+    [2I, H], and BF16_ROWS rows of its BF16 copy where the group stores one)."""
+    scales = max((g.num_experts * 5 * g.inter * g.hidden // BLOCK for g in plan.groups), default=0)
     per_worker = max(
-        (
-            2 * g.inter * g.hidden * (3 if fmt.DUAL == g.storage or fmt.BF16_ONLY == g.storage else 1)
-            for g in plan.groups
-        ),
+        (2 * g.inter * g.hidden + (BF16_ROWS * g.hidden * 2 if g.storage != fmt.NATIVE_ONLY else 0)
+         for g in plan.groups),
         default=0,
-    )
+    )  # fmt: skip
     return BASE_MEMORY + scales + workers * per_worker
 
 
