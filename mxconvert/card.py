@@ -14,7 +14,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import format as fmt
-from .writer import write_atomic
+from .files import write_atomic
 
 TAGS = ["mxfp8", "fp8", "fnuz", "mi300x", "moe"]
 LIBRARY_NAME = "mxconvert"  # transformers cannot load this format; mxconvert's runtime and vLLM plugin can

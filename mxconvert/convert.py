@@ -18,13 +18,14 @@ from . import format as fmt
 from .card import write_model_card
 from .checkpoint import SIDE_FILES, SourceCheckpoint
 from .errors import MxconvertError, OptionError
+from .files import crash_point, sha256_file, write_atomic
 from .hub_source import HubFiles, is_hub_id, resolve_model_dir
-from .manifest import sha256_file, write_manifest
+from .manifest import write_manifest
 from .outputs import output_names, small_files
 from .plan import Plan, Shard, make_plan, parse_size
 from .stream import WORKERS, check_scales, stream_shards
 from .verify import check_files, check_structure, verify
-from .writer import crash_point, safetensors_header, write_atomic
+from .writer import safetensors_header
 
 SOURCE_FILES = ("config.json", fmt.INDEX_NAME, "*.safetensors", "README.md", *SIDE_FILES)  # what a Hub fetch needs
 SMALL_FILES = 4 * 2**20  # disk allowance for config, index, card, manifest and record (each well under it)

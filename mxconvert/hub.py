@@ -13,8 +13,8 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, Revi
 
 from . import format as fmt
 from .errors import MxconvertError
+from .files import sha256_file
 from .hub_source import transport_errors
-from .manifest import sha256_file
 from .outdir import locked_for_reading
 from .verify import verify
 

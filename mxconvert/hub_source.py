@@ -9,7 +9,8 @@ import importlib
 import re
 from pathlib import Path
 
-from .checkpoint import MAX_HEADER, is_side_file
+from .checkpoint import is_side_file
+from .headers import MAX_HEADER
 from .errors import MxconvertError
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)  # owner/name; "./x", "../x" are paths

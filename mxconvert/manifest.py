@@ -1,26 +1,15 @@
 """The manifest `mxconvert.json`: written last (without it a directory is not a finished conversion),
 naming every file of OUT_DIR with its size and sha256. Nothing in it names the local machine."""
 
-import hashlib
 import re
 from pathlib import Path
 
 from . import __version__
 from . import format as fmt
 from .errors import MxconvertError, plain_name, read_json
-from .writer import HASH_CHUNK, write_json_atomic
+from .files import write_json_atomic
 
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
-
-
-def sha256_file(path: Path, on_bytes=None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return digest.hexdigest()
 
 
 def write_manifest(out_dir: Path, *, options: dict, fingerprint: list[dict], source_id: dict, files: dict) -> None:

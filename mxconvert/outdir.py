@@ -20,8 +20,8 @@ from pathlib import Path
 from . import __version__
 from . import format as fmt
 from .errors import MxconvertError, plain_name, read_json
-from .manifest import load_manifest, sha256_file
-from .writer import PARTIAL, write_json_atomic
+from .files import PARTIAL, sha256_file, write_json_atomic
+from .manifest import load_manifest
 
 RECORD_NAME, LOCK_NAME = fmt.RECORD_NAME, fmt.LOCK_NAME
 START_OVER = "Run the same command as the first time, or pass --force to start over"

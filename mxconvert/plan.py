@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass, field
 
 from . import format as fmt
-from .checkpoint import DTYPE_BYTES, ExpertGroup, SourceCheckpoint, TensorInfo
+from .checkpoint import ExpertGroup, SourceCheckpoint
 from .errors import MxconvertError, OptionError
+from .headers import DTYPE_BYTES, TensorInfo
 from .layout import BLOCK
 
 PROJECTIONS = ("gate", "up", "down")

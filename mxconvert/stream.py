@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from . import format as fmt
 from . import layout
-from .checkpoint import SourceCheckpoint, TensorInfo
+from .checkpoint import SourceCheckpoint
 from .errors import MxconvertError
+from .headers import TensorInfo
 from .plan import COPY_CHUNK, PROJECTIONS, Plan, PlannedGroup, Shard
 from .writer import ShardSet, ShardWriter
 

@@ -16,9 +16,11 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import format as fmt
-from .checkpoint import SourceCheckpoint, read_header
+from .checkpoint import SourceCheckpoint
 from .errors import MxconvertError, plain_name, read_json
-from .manifest import load_manifest, sha256_file
+from .files import sha256_file
+from .headers import read_header
+from .manifest import load_manifest
 from .outputs import output_names, small_files
 from .plan import make_plan, parse_size
 from .stream import WORKERS, stream_shards

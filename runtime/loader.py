@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mxconvert import format as fmt
-from mxconvert.checkpoint import DTYPE_BYTES, TensorInfo, read_header
 from mxconvert.errors import MxconvertError, plain_name, read_json
+from mxconvert.headers import DTYPE_BYTES, TensorInfo, read_header
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.manifest import load_manifest
 from mxconvert.runtime.bands import bands_for

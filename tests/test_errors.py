@@ -13,8 +13,8 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from checkpoint_edits import drop_tensors, edit_json, rename_tensor, shard_of, tensor_names
+from click.testing import CliRunner
 from make_tiny_checkpoint import make_tiny_checkpoint
 
 import mxconvert.outdir

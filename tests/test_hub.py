@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hub_server import HubServer
 from huggingface_hub import constants
 from make_tiny_checkpoint import make_tiny_checkpoint
 

@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from mxconvert.errors import MxconvertError
+from mxconvert.files import write_atomic, write_json_atomic
 from mxconvert.plan import OutputTensor
-from mxconvert.writer import ShardWriter, write_atomic, write_json_atomic
+from mxconvert.writer import ShardWriter
 
 
 def test_out_of_order_writes_give_a_valid_file_and_its_sha256(tmp_path):
