@@ -95,16 +95,17 @@ SIZE = re.compile(r"\s*([0-9]{1,15})(?:\.([0-9]{1,9}))?\s*([KMGT]?I?)B?\s*", re.
 
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, as Hugging Face tools read shard sizes; at least 1 byte."""
+    shown = repr(text) if len(str(text)) <= 40 else repr(str(text)[:20] + "...")  # echo no 400-digit line
     if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
         m = SIZE.fullmatch(str(text).upper())
         if not m or m[3] == "I":
-            raise OptionError("--max-shard-size", f"{text!r} is not a size", "Write it like 5GB, 500MB or 2GiB")
+            raise OptionError("--max-shard-size", f"{shown} is not a size", "Write it like 5GB, 500MB or 2GiB")
         whole, fraction, unit = int(m[1]), m[2] or "", SIZE_UNITS[m[3]]
         size = whole * unit + int(fraction or 0) * unit // 10 ** len(fraction)  # exact: no float rounding
     if size < 1:
-        raise OptionError("--max-shard-size", f"{text!r} is less than one byte", "Write it like 5GB, 500MB or 2GiB")
+        raise OptionError("--max-shard-size", f"{shown} is less than one byte", "Write it like 5GB, 500MB or 2GiB")
     return size
 
 
