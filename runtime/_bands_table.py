@@ -10,5 +10,12 @@ BANDS = {
         "measured": "2026-11-24 torch 2.11.0+cu130",
         "native_mode": "w8a16",
         "shape": {"experts": 128, "hidden": 6144, "intermediate": 384, "top_k": 4},
-    }
+    },
+    "NVIDIA H200": {
+        "bf16_max_tokens": 0,
+        "bf16_min_tokens": 1409,
+        "measured": "2026-12-02 torch 2.11.0+cu130",
+        "native_mode": "w8a16",
+        "shape": {"experts": 128, "hidden": 6144, "intermediate": 384, "top_k": 4},
+    },
 }
