@@ -1,4 +1,4 @@
-"""convert(): a MiniMax-M3 MXFP8 checkpoint in, the MI300X format of FORMAT.md out, streamed.
+"""convert(): a MiniMax-M3 MXFP8 checkpoint in, the MI300X format of docs/FORMAT.md out, streamed.
 
 read headers -> plan -> OUT_DIR rules (--force, --resume) -> check every expert scale and the free disk ->
 stream every tensor into its shard (recording each finished one) -> config, index, side files, card ->

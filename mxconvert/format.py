@@ -1,4 +1,4 @@
-"""The names, dtypes, shapes and config keys of FORMAT.md (format v1), each written once, here.
+"""The names, dtypes, shapes and config keys of docs/FORMAT.md (format v1), each written once, here.
 
 Shape legend: E experts, H hidden, I expert intermediate, G = K // 32 scale groups.
 """

@@ -1,4 +1,4 @@
-"""The bit-level rules of FORMAT.md: E4M3FN -> E4M3FNUZ bytes, scale +1, packed scales, dequantization.
+"""The bit-level rules of docs/FORMAT.md: E4M3FN -> E4M3FNUZ bytes, scale +1, packed scales, dequantization.
 
 All functions take and return uint8 byte tensors (values and E8M0 scales), on any device.
 Shape legend: E experts, N out, K in, G = K // 32 scale groups.

@@ -72,7 +72,7 @@ def expert_slices(
 ) -> ExpertSlice:
     """The rank's ExpertSlice of the full stacked tensor `P.<suffix>` of this shape."""
     if suffix not in EXPERT_TENSORS:
-        raise MxconvertError(suffix, "is not an expert tensor of FORMAT.md", f"use one of {sorted(EXPERT_TENSORS)}")
+        raise MxconvertError(suffix, "is not an expert tensor of docs/FORMAT.md", f"use one of {sorted(EXPERT_TENSORS)}")
     _check_ranks(tp_rank, tp_size, ep_rank, ep_size)
     shape = tuple(int(d) for d in shape)
     e = shape[0]

@@ -1,4 +1,4 @@
-"""The converter against FORMAT.md, bit for bit, read back with the safetensors library (not our reader).
+"""The converter against docs/FORMAT.md, bit for bit, read back with the safetensors library (not our reader).
 
 Shape legend: E experts, H hidden, I expert intermediate, G = K // 32.
 """

@@ -1,4 +1,4 @@
-"""The bit-level rules of FORMAT.md, checked exhaustively over every value byte and scale byte."""
+"""The bit-level rules of docs/FORMAT.md, checked exhaustively over every value byte and scale byte."""
 
 import torch
 
@@ -37,7 +37,7 @@ def test_bf16_copy_is_the_rounded_value_for_every_byte_pair():
     want = layout.dequantize(values, scales, fnuz=True).to(torch.bfloat16)
     got = layout.dequantize_bf16(values, scales)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    # near the top of E8M0 the value exceeds BF16's range: exact elsewhere, +-inf there (FORMAT.md)
+    # near the top of E8M0 the value exceeds BF16's range: exact elsewhere, +-inf there (docs/FORMAT.md)
     big = layout.dequantize(values, scales, fnuz=True).abs() >= 2.0**128
     assert torch.isinf(got[big]).all() and torch.isfinite(got[~big]).all()
 

@@ -14,7 +14,7 @@ def refused_config(version: str | None):
             raise MxconvertError(
                 f"vLLM {version}",
                 f"mxconvert's plugin supports vLLM {SUPPORTED_VLLM} only",
-                f"Install it with pip install 'mxconvert[vllm]' (vllm=={SUPPORTED_VLLM})",
+                f"Install vllm=={SUPPORTED_VLLM} (pip install vllm=={SUPPORTED_VLLM}) beside mxconvert",
             )
 
         def get_name(self):

@@ -1,4 +1,4 @@
-"""MxconvertQuantConfig: vLLM's quantization config for a converted checkpoint (FORMAT.md, v1).
+"""MxconvertQuantConfig: vLLM's quantization config for a converted checkpoint (docs/FORMAT.md, v1).
 
 MoE layers (vLLM's RoutedExperts) get MxconvertMoEMethod; every other layer is handed to the config
 vLLM builds from `source_quantization_config` (for MiniMax-M3's "mxfp8": ModelOptMxFp8Config), so it

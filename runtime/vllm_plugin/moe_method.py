@@ -1,7 +1,7 @@
 """MxconvertMoEMethod: one converted expert group P in vLLM's RoutedExperts, served by the runtime's MoELayer.
 
 Shape legend: E experts (global), e on this rank, H hidden, I expert intermediate (whole), i = I / T.
-create_weights registers the rank's part of each stored tensor (FORMAT.md dtypes and layouts); each
+create_weights registers the rank's part of each stored tensor (docs/FORMAT.md dtypes and layouts); each
 parameter's weight_loader takes the whole stacked tensor and copies the rank's slice (sharding.py), so
 TP and EP slicing are the loader's and the runtime's. After loading: check every parameter was
 loaded, then hand them to MoELayer (BF16 copies for native_only; FP8 dropped where never used).
@@ -16,7 +16,7 @@ from mxconvert.runtime.bands import bands_for
 from mxconvert.runtime.moe import ExpertWeights, MoELayer
 from mxconvert.runtime.sharding import expert_slices
 
-# safetensors dtype of FORMAT.md -> torch dtype of the parameter (bytes kept as they are on disk)
+# safetensors dtype of docs/FORMAT.md -> torch dtype of the parameter (bytes kept as they are on disk)
 TORCH_DTYPE = {"F8_E4M3FNUZ": torch.float8_e4m3fnuz, "U8": torch.uint8, "BF16": torch.bfloat16}
 FIELD = {  # parameter suffix -> ExpertWeights field
     "w13_weight": "w13",

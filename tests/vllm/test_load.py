@@ -60,7 +60,7 @@ def test_parameters_equal_converted_tensors(name, checkpoints, dual, request):
 def test_other_parameters_equal_stock_mxfp8(checkpoints, dual):
     """Linear layers, norms, router: vLLM's own mxfp8 handling gives the same parameters from the source;
     its experts, dequantized to BF16 at load, equal our BF16 copies value for value: bit for bit except
-    the sign of zero (FN's -0 byte 0x80 becomes FNUZ's +0, FORMAT.md)."""
+    the sign of zero (FN's -0 byte 0x80 becomes FNUZ's +0, docs/FORMAT.md)."""
     ours, _ = dual
     stock, _ = load_model(checkpoints["src"])
     assert type(moe_prefixes(stock)[GROUP.format(1)].quant_method).__name__ == "ModelOptMxFp8FusedMoE"
