@@ -69,16 +69,17 @@ HOPPER = {
 }
 
 
-# H200 W8A16 (scripts/bench_moe.py --sweep, 2026-12-02): tiles with the NVIDIA dequantization routes
-# (resolve_dequant: "auto"); GEMM1 split over K at decode, where 4-32 row blocks leave SMs idle; no
-# alignment launch up to T 8 (DIRECT rows: 30 vs 40 us at T 1, 100 vs 112 at T 8; a tie at T 16).
+# H200 W8A16 (scripts/bench_moe.py --sweep, then per-row variants, 2026-12-02; notes/kernels.md): tiles
+# with the NVIDIA dequantization routes (resolve_dequant: "auto"); GEMM1 split over K at decode, where
+# 4-32 row blocks leave SMs idle; no alignment launch up to T 8 (DIRECT: 30 vs 40 us at T 1, 100 vs 112
+# at T 8; a tie at T 16).
 DIRECT = "direct"
 H200_W8A16 = [
     (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB, split_k=4), Tile(64, 128, 4, 3), DIRECT),
     (0.25, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB), DIRECT),
     (0.5, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB)),
-    (8, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
-    (24, 32, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
+    (8, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 128, 4, 2)),
+    (24, 32, Tile(64, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
     (None, 64, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
 ]
 TABLES = {"h100": HOPPER, "h200": {**HOPPER, "w8a16": H200_W8A16}}

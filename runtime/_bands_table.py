@@ -13,7 +13,7 @@ BANDS = {
     },
     "NVIDIA H200": {
         "bf16_max_tokens": 0,
-        "bf16_min_tokens": 1409,
+        "bf16_min_tokens": 1729,
         "measured": "2026-12-02 torch 2.11.0+cu130",
         "native_mode": "w8a16",
         "shape": {"experts": 128, "hidden": 6144, "intermediate": 384, "top_k": 4},
