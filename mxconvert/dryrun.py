@@ -4,12 +4,13 @@ Shape legend: E experts, H hidden, I expert intermediate.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 from . import format as fmt
+from . import outdir
 from .checkpoint import SourceCheckpoint
 from .layout import BLOCK
+from .outdir import human
 from .outputs import small_files
 from .plan import Plan
 from .stream import BF16_ROWS, WORKERS
@@ -86,34 +87,36 @@ def _disk(what: str, path: Path, needed: int) -> dict:
     where = path
     while not where.exists():  # the nearest existing parent: where the directory would be made
         where = where.parent
-    free = shutil.disk_usage(where).free
+    free = outdir.free_bytes(where)
     return {"what": what, "path": str(path), "needed_bytes": needed, "free_bytes": free, "fits": free >= needed,
             "device": os.stat(where).st_dev}  # fmt: skip
 
 
 def render(report: dict) -> str:
-    """The report as the CLI prints it."""
-    gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
+    """The report as the CLI prints it: exact byte counts, and the same in decimal units."""
+    size = lambda n: f"{n:,} bytes ({human(n)})"  # noqa: E731
+    plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
     lines = [f"{'expert group':<60} {'storage':<12} {'E':>4} {'H':>6} {'I':>6}"]
     lines += [f"{g['prefix']:<60} {g['storage']:<12} {g['experts']:>4} {g['hidden']:>6} {g['inter']:>6}"
               for g in report["groups"]]  # fmt: skip
     lines.append(f"source: {report['source']}" + (f" at {report['revision']}" if report["revision"] else ""))
-    lines.append(f"input: {report['input_bytes']:,} bytes ({gb(report['input_bytes'])}) in {report['input_files']} "
-                 f"files, {report['tensors_in']} tensors")  # fmt: skip
-    lines.append(f"output: {report['output_bytes']:,} bytes ({gb(report['output_bytes'])}) in {report['shards_out']} "
-                 f"shards and the small files, {report['tensors_out']} tensors")  # fmt: skip
+    lines.append(f"input: {size(report['input_bytes'])} in {plural(report['input_files'], 'file')}, "
+                 f"{plural(report['tensors_in'], 'tensor')}")  # fmt: skip
+    lines.append(f"output: {size(report['output_bytes'])} in {plural(report['shards_out'], 'shard')} and the small "
+                 f"files, {plural(report['tensors_out'], 'tensor')}")  # fmt: skip
     for storage, entry in report["output_by_storage"].items():
-        groups = f"{entry['groups']} expert groups" if entry["groups"] else "everything else"
-        lines.append(f"  {storage:<15} {entry['bytes']:>22,} bytes ({gb(entry['bytes'])}), {groups}")
+        groups = plural(entry["groups"], "expert group") if entry["groups"] else "everything else"
+        lines.append(f"  {storage:<15} {size(entry['bytes'])}, {groups}")
     for d in report["disks"]:
         verdict = "fits" if d["fits"] else "DOES NOT FIT"
-        lines.append(f"{d['what']}: needs {d['needed_bytes']:,} bytes ({gb(d['needed_bytes'])}), "
-                     f"{gb(d['free_bytes'])} free at {d['path']}: {verdict}")  # fmt: skip
-    lines.append(f"estimated peak memory: {report['peak_memory_bytes'] / 2**30:.2f} GiB")
-    minutes = report["expected_seconds"] / 60
-    lines.append(f"expected time: {minutes:.0f} min at {report['expected_rate']}; on another machine, the output "
+        lines.append(f"{d['what']}: needs {size(d['needed_bytes'])}, {human(d['free_bytes'])} free at {d['path']}: "
+                     f"{verdict}")  # fmt: skip
+    lines.append(f"estimated peak memory: {human(report['peak_memory_bytes'])}")
+    seconds = report["expected_seconds"]
+    took = f"{seconds} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    lines.append(f"expected time: about {took} at {report['expected_rate']}; on another machine, the output "
                  "bytes over its disk's write rate")  # fmt: skip
     if report["header_bytes_read"] is not None:
-        lines.append(f"read from the Hub: config, index and {report['header_bytes_read']:,} bytes of shard headers")
+        lines.append(f"read from the Hub: config, index and {size(report['header_bytes_read'])} of shard headers")
     lines.append("dry run: nothing written")
     return "\n".join(lines)

@@ -284,6 +284,17 @@ def test_dry_run_writes_nothing(source, tmp_path):
     assert card < 64 * 1024
 
 
+def test_dry_run_says_what_does_not_fit(source, tmp_path, monkeypatch):
+    import mxconvert.outdir
+    from mxconvert.dryrun import render
+
+    monkeypatch.setattr(mxconvert.outdir, "free_bytes", lambda path: 1000)
+    plan = convert(model_dir=str(source), out_dir=str(tmp_path / "out"), dry_run=True)
+    (disk,) = plan.report["disks"]
+    assert disk["what"] == "OUT_DIR" and not disk["fits"] and disk["needed_bytes"] == plan.report["output_bytes"]
+    assert "OUT_DIR: needs" in render(plan.report) and "DOES NOT FIT" in render(plan.report)
+
+
 def test_hub_source_is_named_in_card_and_manifest(source, tmp_path, monkeypatch):
     import mxconvert.convert as conv
 
