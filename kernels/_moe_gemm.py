@@ -8,10 +8,12 @@ fills the MMA's M side (wgmma needs 64) when a block holds few tokens. SPLIT_K >
 program axis 1 takes one K slice and stores fp32 partials [SPLIT_K, P, N] that the consumer sums, so
 more CTAs stream weights when few blocks exist (decode).
 
-W8A16 dequantization (DEQUANT): 0 through fp32 (portable); 1 bit placement: the E4M3 byte's sign and 7
-exponent-mantissa bits go straight into a BF16 pattern (exact, subnormals included: value * 2**-119 read
-as FNUZ) and the bias difference rides on the power-of-two scale; 2 the same in NVIDIA inline PTX, four
-weights per instance (prmt + shifts + two packed BF16 multiplies).
+W8A16 dequantization (DEQUANT; moe_gemm.DEQUANT names them): 0 "fp32", through fp32 (portable); 1 "bits",
+bit placement: the E4M3 byte's sign and 7 exponent-mantissa bits go straight into a BF16 pattern (exact,
+subnormals included: value * 2**-119 read as FNUZ) and the bias difference rides on the power-of-two scale
+(plain Triton; what the interpreter runs); 2 "asm_f16_1" / 3 "asm_f16_pair", NVIDIA inline PTX: hardware
+E4M3 -> f16, f16 bits shifted into BF16, one packed multiply by the scale (bytes <= 143), four weights per
+instance on plain tiles, two on swap-AB tiles (notes/kernels.md has the routes tried and dropped).
 """
 
 import triton
@@ -35,22 +37,18 @@ def _dequant(b, scale):
 
 @triton.jit
 def _route_scale(byte, DEQUANT: tl.constexpr, FP32: tl.constexpr):
-    # The power-of-two factor each route multiplies by last, from the E8M0 byte s (FNUZ reading):
-    # routes 1-2 (bit placement, value * 2**-119, then * 2**127): 2**(s - 135); 3 (cvt as E4M3FN, f16 bits
-    # shifted into BF16: value * 2**-111, then * 2**112): 2**(s - 128); 4: 2**(s - 8) and 5: 2**(s - 16),
-    # one multiply, so only for s <= 135 / 143. Subnormal BF16 scales keep the small bytes exact.
+    # The power-of-two factor each bit route multiplies by last, from the E8M0 byte s (FNUZ reading):
+    # route 1 (bit placement: value * 2**-119, then * 2**127): 2**(s - 135), subnormal below byte 9, exact
+    # down to byte 2 in BF16 and byte 0 in fp32 (FP32: the interpreter); routes 2-3 (cvt as E4M3FN, f16 bits
+    # shifted into BF16: value * 2**-111): 2**(s - 16) in one multiply, so scale bytes <= 143 only.
     s = byte.to(tl.int32)
-    if FP32:  # interpreter, routes 1-2: exact fp32 (subnormal below byte 9)
+    if FP32:
         bits = tl.where(s >= 9, (s - 8) << 23, 1 << (s + 14))
         return bits.to(tl.float32, bitcast=True)
     else:
-        if DEQUANT <= 2:
+        if DEQUANT == 1:
             bits = tl.where(s >= 9, (s - 8) << 7, tl.where(s >= 2, 1 << tl.maximum(s - 2, 0), 0))
-        elif DEQUANT == 3 or DEQUANT == 7:
-            bits = tl.where(s >= 2, (s - 1) << 7, 1 << (s + 5))
-        elif DEQUANT == 4:
-            bits = (s + 119) << 7
-        else:  # 5, 6
+        else:
             bits = (s + 111) << 7
         return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
@@ -69,24 +67,11 @@ def _dequant_bits(b, scale, FP32: tl.constexpr):
         return x * 1.7014118346046923e38 * scale
 
 
-# Four weights per instance: $2 holds four bytes, $3 / $4 the scales of weights 0-1 / 2-3 (bf16x2),
-# $0 / $1 the BF16 results. fma with -0 is an exact multiply (every factor is a power of two).
-_ASM_BITS = """
-        {
-        .reg .b32 t0, t1, m0, m1, nz;
-        prmt.b32 t0, $2, 0, 0x1404;
-        prmt.b32 t1, $2, 0, 0x3424;
-        shr.b32 m0, t0, 4;
-        shr.b32 m1, t1, 4;
-        and.b32 m0, m0, 0x07F007F0;
-        and.b32 m1, m1, 0x07F007F0;
-        and.b32 t0, t0, 0x80008000;
-        and.b32 t1, t1, 0x80008000;
-        or.b32 t0, t0, m0;
-        or.b32 t1, t1, m1;
-        mov.b32 nz, 0x80008000;
-"""
-_ASM_F16 = """
+# Route 2, four weights per instance ($2: four bytes; $3 / $4: the BF16 scales of weights 0-1 / 2-3; $0 / $1:
+# BF16 results): hardware cvt E4M3FN -> f16 (exact), the f16 bits shifted right by 3 are a BF16 of the value
+# times 2**-112 (zero stays zero; E4M3 gives no f16 subnormals), sign put back; fma with -0 is an exact
+# multiply by the power-of-two scale.
+ASM_F16X4 = tl.constexpr("""
         {
         .reg .b16 lo, hi;
         .reg .b32 t0, t1, m0, m1, nz;
@@ -102,26 +87,13 @@ _ASM_F16 = """
         or.b32 t0, t0, m0;
         or.b32 t1, t1, m1;
         mov.b32 nz, 0x80008000;
-"""
-_ASM_BIG = """
-        {
-        .reg .b32 big;
-        mov.b32 big, BIG;
-        fma.rn.bf16x2 t0, t0, big, nz;
-        fma.rn.bf16x2 t1, t1, big, nz;
-        }
-"""
-_ASM_SCALE = """
         fma.rn.bf16x2 $0, t0, $3, nz;
         fma.rn.bf16x2 $1, t1, $4, nz;
         }
-"""
-ASM_BITS = tl.constexpr(_ASM_BITS + _ASM_BIG.replace("BIG", "0x7F007F00") + _ASM_SCALE)  # 2**127
-ASM_F16 = tl.constexpr(_ASM_F16 + _ASM_BIG.replace("BIG", "0x77807780") + _ASM_SCALE)  # 2**112
-ASM_BITS1 = tl.constexpr(_ASM_BITS + _ASM_SCALE)
-ASM_F16_1 = tl.constexpr(_ASM_F16 + _ASM_SCALE)
-# Two weights per instance ($1: two bytes as .b16): matches the pairs of the wgmma register operand.
-ASM_F16_PAIR = tl.constexpr("""
+""")
+# Route 3, two weights per instance ($1: two bytes as .b16): the (k, k+1) pair a 2-byte LDS brings and a
+# wgmma register operand holds, so Triton packs and unpacks nothing around it (swap-AB tiles).
+ASM_F16X2 = tl.constexpr("""
         {
         .reg .b32 t, m, nz;
         cvt.rn.f16x2.e4m3x2 t, $1;
@@ -133,35 +105,19 @@ ASM_F16_PAIR = tl.constexpr("""
         fma.rn.bf16x2 $0, t, $2, nz;
         }
 """)
-ASM_F16_PAIR2 = tl.constexpr(
-    ASM_F16_PAIR.value.replace(
-        "fma.rn.bf16x2 $0, t, $2, nz;", "mov.b32 m, 0x77807780;\n        fma.rn.bf16x2 t, t, m, nz;\n        fma.rn.bf16x2 $0, t, $2, nz;"
-    )
-)
 
 
 @triton.jit
 def _dequant_asm(b, scale, DEQUANT: tl.constexpr):
-    # NVIDIA inline PTX of routes 2-5; b: uint8 bytes, scale: BF16 from _route_scale.
-    if DEQUANT == 6:
-        return tl.inline_asm_elementwise(
-            asm=ASM_F16_PAIR, constraints="=r,h,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=2
-        )
-    if DEQUANT == 7:
-        return tl.inline_asm_elementwise(
-            asm=ASM_F16_PAIR2, constraints="=r,h,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=2
-        )
+    # NVIDIA inline PTX of routes 2 (four weights per instance) and 3 (two); b: uint8 bytes, scale: BF16.
     if DEQUANT == 2:
-        asm: tl.constexpr = ASM_BITS
-    elif DEQUANT == 3:
-        asm: tl.constexpr = ASM_F16
-    elif DEQUANT == 4:
-        asm: tl.constexpr = ASM_BITS1
+        return tl.inline_asm_elementwise(
+            asm=ASM_F16X4, constraints="=r,=r,r,r,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=4
+        )
     else:
-        asm: tl.constexpr = ASM_F16_1
-    return tl.inline_asm_elementwise(
-        asm=asm, constraints="=r,=r,r,r,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=4
-    )
+        return tl.inline_asm_elementwise(
+            asm=ASM_F16X2, constraints="=r,h,r", args=[b, scale], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
 
 
 @triton.jit

@@ -14,8 +14,8 @@ from mxconvert.kernels.config import GemmTile
 from mxconvert.layout import BLOCK, dequantize, unpack_scales
 
 MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
-# W8A16 dequantization routes (_moe_gemm.py); "asm1" / "asm_f16_1" need every scale byte <= 135 / 143
-DEQUANT = {"fp32": 0, "bits": 1, "asm": 2, "asm_f16": 3, "asm1": 4, "asm_f16_1": 5, "asm_f16_pair": 6, "asm_f16_pair2": 7}
+# W8A16 dequantization routes (_moe_gemm.py); the NVIDIA ones ("asm_*") need every scale byte <= 143
+DEQUANT = {"fp32": 0, "bits": 1, "asm_f16_1": 2, "asm_f16_pair": 3}
 FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
 
 
@@ -122,8 +122,8 @@ def resolve_dequant(dequant: str, device: torch.device, swap_ab: bool = False) -
     """'auto' -> the W8A16 dequantization route for the device and tile orientation: on NVIDIA the inline-PTX
     f16 route, two weights per instance in the swap-AB (wgmma register operand) layout, four otherwise;
     bit placement in plain Triton under the interpreter; the fp32 route elsewhere (gfx942: not measured).
-    The one-multiply routes ("asm1", "asm_f16_1", "asm_f16_pair") need every scale byte <= 135 / 143 / 143
-    (MAX_SCALE_BYTE); MoELayer checks once at load and falls back to "fp32"."""
+    The NVIDIA routes need every scale byte <= 143 (MAX_SCALE_BYTE): MoELayer checks once at load and
+    falls back to "fp32"; off NVIDIA they run as "bits"."""
     if dequant != "auto":
         if dequant not in DEQUANT:
             raise MxconvertError("moe_gemm", f"dequant {dequant!r}", f"use one of {sorted(DEQUANT)} or 'auto'")
@@ -136,7 +136,7 @@ def resolve_dequant(dequant: str, device: torch.device, swap_ab: bool = False) -
 
 
 # The largest E8M0 byte each route decodes exactly (the others: every byte).
-MAX_SCALE_BYTE = {"asm1": 135, "asm_f16_1": 143, "asm_f16_pair": 143}
+MAX_SCALE_BYTE = {"asm_f16_1": 143, "asm_f16_pair": 143}
 
 
 def dequantized_weights(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from mxconvert import format as fmt
 from mxconvert.errors import MxconvertError
 from mxconvert.kernels import config as kcfg
 from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8, moe_experts_reference
-from mxconvert.kernels.moe_gemm import dequantized_weights
+from mxconvert.kernels.moe_gemm import MAX_SCALE_BYTE, dequantized_weights
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.layout import dequantize_bf16, unpack_scales
 from mxconvert.runtime.bands import bf16_band_empty
@@ -146,9 +146,10 @@ class MoELayer:
             )
         if not self.native:  # never used: free the FP8 copies
             weights.w13 = weights.w13_scale = weights.w2 = weights.w2_scale = None
-        # The fast NVIDIA dequantization routes decode scale bytes up to 143 (moe_gemm.MAX_SCALE_BYTE)
+        # The fast NVIDIA dequantization routes decode scale bytes up to MAX_SCALE_BYTE (143)
         self.dequant = "auto"
-        if self.native and self.native_mode == "w8a16" and max_scale_byte(weights.w13_scale, weights.w2_scale) > 143:
+        limit = min(MAX_SCALE_BYTE.values())
+        if self.native and self.native_mode == "w8a16" and max_scale_byte(weights.w13_scale, weights.w2_scale) > limit:
             self.dequant = "fp32"
         self.triton = triton_runs(self.device)
         self.last_path: str | None = None
