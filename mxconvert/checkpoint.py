@@ -72,8 +72,9 @@ class LocalFiles:
     """A checkpoint directory's files, each opened only if it is a regular file inside it (or inside its
     Hugging Face cache's blobs/, where a snapshot's links point); other links are refused by name."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, *, ident: dict | None = None):
         self.dir = Path(model_dir)
+        self.ident = ident or {"name": self.dir.resolve().name}  # a Hub snapshot's is its repo id and revision
         if not self.dir.is_dir():
             problem = "is not a directory" if self.dir.exists() else "does not exist"
             raise MxconvertError(self.dir, problem, "Pass a checkpoint directory or a Hub repo id")
@@ -134,7 +135,7 @@ class SourceCheckpoint:
 
     def __init__(self, files):
         self.files = files if hasattr(files, "header") else LocalFiles(files)
-        self.dir = self.files.dir
+        self.dir, self.ident = self.files.dir, self.files.ident
         self.config_bytes = self.files.read_small(
             "config.json", missing_fix="Pass the directory of a Hugging Face checkpoint"
         )
@@ -294,7 +295,7 @@ class SourceCheckpoint:
                 found.setdefault(int(m["layer"]), prefix)
         if declared is None:
             if not self.groups:
-                raise MxconvertError(self.dir, "holds no routed experts (no tensor named <prefix>.experts.<e>.w1.weight)",
+                raise MxconvertError(self.dir, "holds no routed experts (no <prefix>.experts.<e>.w1.weight)",
                                      "Pass the MiniMax-M3 MXFP8 checkpoint")  # fmt: skip
             return
         if not declared:

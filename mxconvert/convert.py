@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 from . import __version__, dryrun, outdir
 from . import format as fmt
 from .card import write_model_card
-from .checkpoint import SIDE_FILES, SourceCheckpoint
+from .checkpoint import SourceCheckpoint
 from .errors import MxconvertError, OptionError
 from .files import crash_point, sha256_file, write_atomic
-from .hub_source import HubFiles, is_hub_id, resolve_model_dir
+from .hub_source import is_hub_id, open_source
 from .manifest import write_manifest
 from .outputs import output_names, small_files
 from .plan import Plan, Shard, make_plan, parse_size
@@ -27,7 +27,6 @@ from .stream import WORKERS, check_scales, stream_shards
 from .verify import check_files, check_structure, verify
 from .writer import safetensors_header
 
-SOURCE_FILES = ("config.json", fmt.INDEX_NAME, "*.safetensors", "README.md", *SIDE_FILES)  # what a Hub fetch needs
 SMALL_FILES = 4 * 2**20  # disk allowance for config, index, card, manifest and record (each well under it)
 
 
@@ -70,15 +69,11 @@ def convert(
         from .hub import check_push_target  # huggingface_hub's upload machinery only when asked for
 
         check_push_target(repo_id=push_to_hub, private=private, token=token)
-    from_hub = dry_run and is_hub_id(model_dir)
-    if from_hub:  # a dry run of a Hub repo reads its headers alone: no download of the weights
-        source = SourceCheckpoint(HubFiles(str(model_dir), token=token))
-    else:
-        local_dir, source_id = resolve_model_dir(model_dir, allow_patterns=SOURCE_FILES)
-        source = SourceCheckpoint(local_dir)  # every input read and checked once, here
+    from_hub = dry_run and is_hub_id(model_dir)  # a dry run of a Hub repo reads its headers alone
+    source = open_source(model_dir, headers_only=dry_run, token=token)  # every input read and checked once
     try:
         if not from_hub:
-            outdir.check_paths(Path(out_dir), local_dir, source.input_paths())
+            outdir.check_paths(Path(out_dir), source.dir, source.input_paths())
         plan = make_plan(source, long_context=long_context, bf16=bf16, max_shard_size=shard_bytes)
         if dry_run:  # the plan and its report (dryrun.render prints it); nothing written
             plan.report = dryrun.report(plan, source, out_dir=Path(out_dir), options=options, from_hub=from_hub)
@@ -88,7 +83,7 @@ def convert(
                 options=options, fingerprint=source.fingerprint(), shards={s.name: s.nbytes for s in plan.shards},
                 outputs=output_names(source, plan),
             )  # fmt: skip
-            state = outdir.inspect(out, local_dir, force=force, resume=resume, ident=ident, workers=WORKERS)
+            state = outdir.inspect(out, source.dir, force=force, resume=resume, ident=ident, workers=WORKERS)
             plan.kept, plan.complete = sorted(state.kept), state.complete
             if state.complete:  # --resume on a finished conversion of the same input and options
                 for path in state.doomed:  # a record left by a run killed just after its manifest
@@ -99,7 +94,7 @@ def convert(
                     size = outdir.human(sum(p.stat().st_size for p in state.doomed))
                     print(f"Replacing the conversion in {out}: deleting its {len(state.doomed)} files ({size}).",
                           file=sys.stderr)  # fmt: skip
-                _write(state, ident, source, source_id, plan, options, device=device, progress=progress)
+                _write(state, ident, source, plan, options, device=device, progress=progress)
     finally:
         source.close()
     if push_to_hub and not dry_run:
@@ -125,7 +120,6 @@ def _write(
     state: outdir.OutDir,
     ident: dict,
     source: SourceCheckpoint,
-    source_id: dict,
     plan: Plan,
     options: dict,
     *,
@@ -151,9 +145,9 @@ def _write(
         hashes[name] = hashlib.sha256(data).hexdigest()
     card = write_model_card(
         out_dir=out,
-        source=source_id.get("repo_id") or source_id["name"],
-        source_repo_id=source_id.get("repo_id"),
-        source_revision=source_id.get("revision"),
+        source=source.ident.get("repo_id") or source.ident["name"],
+        source_repo_id=source.ident.get("repo_id"),
+        source_revision=source.ident.get("revision"),
         source_card=source.card,
         options=options,
         version=__version__,
@@ -162,7 +156,7 @@ def _write(
     hashes[card.name] = sha256_file(card)
     check_files(out, {name: {"size": (out / name).stat().st_size} for name in hashes}, ignore=(outdir.RECORD_NAME,))
     check_structure(out, set(hashes))
-    write_manifest(out, options=options, fingerprint=source.fingerprint(), source_id=source_id, files=hashes)
+    write_manifest(out, options=options, fingerprint=source.fingerprint(), source_id=source.ident, files=hashes)
     record.remove()
 
 

@@ -9,12 +9,14 @@ import importlib
 import re
 from pathlib import Path
 
-from .checkpoint import is_side_file
-from .headers import MAX_HEADER
+from . import format as fmt
+from .checkpoint import SIDE_FILES, LocalFiles, SourceCheckpoint, is_side_file
 from .errors import MxconvertError
+from .headers import MAX_HEADER
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)  # owner/name; "./x", "../x" are paths
 HEAD_READ = 100_000  # bytes of a shard asked for first: most safetensors headers fit
+SOURCE_FILES = ("config.json", fmt.INDEX_NAME, "*.safetensors", fmt.CARD_NAME, *SIDE_FILES)  # what a fetch needs
 
 
 def is_hub_id(model_dir) -> bool:
@@ -22,20 +24,22 @@ def is_hub_id(model_dir) -> bool:
     return not Path(model_dir).expanduser().exists() and bool(REPO_ID.fullmatch(str(model_dir)))
 
 
-def resolve_model_dir(model_dir: str | Path, *, allow_patterns: tuple[str, ...]) -> tuple[Path, dict]:
-    """A local directory, or a Hub repo id fetched into the Hugging Face cache (only the files needed).
+def open_source(model_dir: str | Path, *, headers_only: bool = False, token: str | None = None) -> SourceCheckpoint:
+    """The source checkpoint: a local directory read in place, or a Hub repo id, fetched into the Hugging
+    Face cache (only the files a conversion needs), or with headers_only read through its headers alone.
 
-    Returns the directory and what identifies the source without a local path (it goes into the
-    manifest and the card): {"name"} of a local directory, or {"repo_id", "revision"}.
+    Its `ident` names it without a local path (it goes into the manifest and the card): {"name"} of a
+    local directory, or {"repo_id", "revision"}.
     """
     if not is_hub_id(model_dir):
-        local = Path(model_dir).expanduser()
-        return local, {"name": local.resolve().name}
+        return SourceCheckpoint(LocalFiles(Path(model_dir).expanduser()))
+    if headers_only:
+        return SourceCheckpoint(HubFiles(str(model_dir), token=token))
     from huggingface_hub import snapshot_download  # network only when a repo id is given
 
     with hub_errors(str(model_dir)):
-        path = Path(snapshot_download(str(model_dir), allow_patterns=list(allow_patterns)))
-    return path, {"repo_id": str(model_dir), "revision": path.name}
+        path = Path(snapshot_download(str(model_dir), allow_patterns=list(SOURCE_FILES), token=token))
+    return SourceCheckpoint(LocalFiles(path, ident={"repo_id": str(model_dir), "revision": path.name}))
 
 
 @contextlib.contextmanager
@@ -124,6 +128,7 @@ class HubFiles:
         with hub_errors(repo_id):
             info = self.api.model_info(repo_id, revision=revision, files_metadata=True)
         self.revision = info.sha
+        self.ident = {"repo_id": repo_id, "revision": info.sha}
         self.sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
         self.headers_read = 0  # bytes of shards read: headers only
 

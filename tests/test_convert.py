@@ -295,24 +295,19 @@ def test_dry_run_says_what_does_not_fit(source, tmp_path, monkeypatch):
     assert "OUT_DIR: needs" in render(plan.report) and "DOES NOT FIT" in render(plan.report)
 
 
-def test_hub_source_is_named_in_card_and_manifest(source, tmp_path, monkeypatch):
-    import mxconvert.convert as conv
-
-    def fake_fetch(model_dir, *, allow_patterns):
-        assert model_dir == "MiniMaxAI/MiniMax-M3-MXFP8" and "*.safetensors" in allow_patterns
-        return source, {"repo_id": model_dir, "revision": "0123abcd"}
-
-    monkeypatch.setattr(conv, "resolve_model_dir", fake_fetch)
+def test_hub_source_is_named_in_card_and_manifest(source, tmp_path, hub):
+    hub.add_repo("MiniMaxAI/MiniMax-M3-MXFP8", owner="minimax")
+    hub.put_files("MiniMaxAI/MiniMax-M3-MXFP8", {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()})
+    revision = hub.repos["MiniMaxAI/MiniMax-M3-MXFP8"]["branches"]["main"]
     out = tmp_path / "out"
     convert(model_dir="MiniMaxAI/MiniMax-M3-MXFP8", out_dir=str(out), bf16="derive", progress=False)
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "MiniMaxAI/MiniMax-M3-MXFP8" and meta["base_model_relation"] == "quantized"
-    assert "0123abcd" in card and "derive" in card
+    assert revision in card and "derive" in card
     manifest = json.loads((out / "mxconvert.json").read_text())
-    assert (
-        manifest["source"]["repo_id"] == "MiniMaxAI/MiniMax-M3-MXFP8" and manifest["source"]["revision"] == "0123abcd"
-    )
+    assert manifest["source"]["repo_id"] == "MiniMaxAI/MiniMax-M3-MXFP8" and manifest["source"]["revision"] == revision
+    assert not any(str(tmp_path) in json.dumps(f) for f in manifest["source"]["files"])  # no cache path
 
 
 def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
