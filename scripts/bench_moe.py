@@ -172,7 +172,9 @@ def table(runs, copy_gbs, fp8_tflops, *, peers_dir=None, x_std=0.1, on_row=None)
         e, h, i, k = SHAPES[name]
         tokens = sorted({t for r in runs if r[0] == name for t in r[2]})
         fp8, bf = make_weights(e, h, i)
-        wf = dict(w13=dequantized_weights(fp8["w13"], fp8["w13_scale"]), w2=dequantized_weights(fp8["w2"], fp8["w2_scale"]))
+        wf = dict(
+            w13=dequantized_weights(fp8["w13"], fp8["w13_scale"]), w2=dequantized_weights(fp8["w2"], fp8["w2_scale"])
+        )
         nbytes = lambda *ts: sum(t.nbytes for t in ts)
         paths = {
             "ours_w8a16": (lambda x, w, ids: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16"), nbytes(*fp8.values())),
@@ -189,8 +191,19 @@ def table(runs, copy_gbs, fp8_tflops, *, peers_dir=None, x_std=0.1, on_row=None)
                 qs13[:, :, None, :, None]).view(e, 2 * i, h), wf["w13"])  # fmt: skip
             conf = vfm.load_config("vllm_E128_N384_H200_fp8_block128.json")  # vLLM's tuned H200 config (N 384)
             paths["vllm_fp8b128"] = (
-                lambda x, w, ids: vfm.fused_experts(x, w, ids, q13, q2, configs=conf, align_fn=align_fn,
-                    act_fn=swiglu_oai, w1_scale=qs13, w2_scale=qs2, block_shape=[128, 128]),  # fmt: skip
+                lambda x, w, ids: vfm.fused_experts(
+                    x,
+                    w,
+                    ids,
+                    q13,
+                    q2,
+                    configs=conf,
+                    align_fn=align_fn,
+                    act_fn=swiglu_oai,
+                    w1_scale=qs13,
+                    w2_scale=qs2,
+                    block_shape=[128, 128],
+                ),
                 nbytes(q13, qs13, q2, qs2),
             )
             if hm_moe is not None:
@@ -383,8 +396,11 @@ def compare_routes(tokens, routes, shape="tp8"):
             except Exception as exc:
                 print(f"T={t} {r}: {type(exc).__name__} {str(exc)[:200]}", flush=True)
         rows.append(row)
-        print(f"ROUTES T={t} swap={conf.gemm1.swap_ab}/{conf.gemm2.swap_ab} " +
-              " ".join(f"{r} {u:.1f}" for r, u in row["us"].items()), flush=True)
+        print(
+            f"ROUTES T={t} swap={conf.gemm1.swap_ab}/{conf.gemm2.swap_ab} "
+            + " ".join(f"{r} {u:.1f}" for r, u in row["us"].items()),
+            flush=True,
+        )
     return rows
 
 
@@ -401,10 +417,13 @@ def forward_check(chosen, shape="tp8"):
         us_table = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=mode))
         us_swept = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=conf))
         us_fp32 = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, dequant="fp32"))
-        rows.append(dict(mode=mode, tokens=t, table_us=us_table, swept_us=us_swept, table_fp32_us=us_fp32,
-                         config=repr(conf)))
-        print(f"FORWARD {mode} T={t}: table {us_table:.1f}us (fp32 route {us_fp32:.1f}us) swept {us_swept:.1f}us "
-              f"{conf}", flush=True)
+        rows.append(
+            dict(mode=mode, tokens=t, table_us=us_table, swept_us=us_swept, table_fp32_us=us_fp32, config=repr(conf))
+        )
+        print(
+            f"FORWARD {mode} T={t}: table {us_table:.1f}us (fp32 route {us_fp32:.1f}us) swept {us_swept:.1f}us {conf}",
+            flush=True,
+        )
     return rows
 
 

@@ -21,9 +21,7 @@ def skip_fnuz(fmt):
 TILES = [GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1, swap_ab=True), GemmTile(64, 128, 4, 1, swap_ab=True)]
 
 
-def run(
-    mode, fmt, tile, t, k, e, n, kdim, gen, device, *, gemm2, block_m=16, scale_lo=118, scale_hi=124, direct=False
-):
+def run(mode, fmt, tile, t, k, e, n, kdim, gen, device, *, gemm2, block_m=16, scale_lo=118, scale_hi=124, direct=False):
     """(out, float32 reference) of one GEMM; split-K partials come back summed in fp32. direct: no alignment."""
     ids, w = random_routing(t, k, e, gen)
     vals, scales = random_fnuz_weights(e, n, kdim, gen, scale_lo=scale_lo, scale_hi=scale_hi)

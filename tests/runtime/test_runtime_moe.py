@@ -5,9 +5,9 @@ import pytest
 import torch
 from runtime_helpers import BF16_ONLY, DUAL, PLANTED, inputs, reference64, rel_err, source_experts
 
+from mxconvert import format as fmt
 from mxconvert.kernels.config import fp8_format
 from mxconvert.kernels.moe import capture_cuda_graph, moe_experts_reference
-from mxconvert import format as fmt
 from mxconvert.runtime import moe as runtime_moe
 from mxconvert.runtime.bands import NEVER, bands_for
 from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer
