@@ -84,7 +84,9 @@ def check_push_target(*, repo_id: str, private: bool = False, token: str | None 
     """Before hours of converting: a token that the Hub accepts, that may write to the repo's namespace,
     and a repo that --private can be honoured for. Refuses with the same lines a push would."""
     if constants.HF_HUB_OFFLINE:
-        raise MxconvertError("--push-to-hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded", "Unset HF_HUB_OFFLINE")
+        raise MxconvertError(
+            "--push-to-hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded", "Unset HF_HUB_OFFLINE"
+        )
     token = token or get_token()
     if not token:
         raise MxconvertError(
