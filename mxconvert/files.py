@@ -64,8 +64,6 @@ def write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-
-
 def sha256_file(path: Path, on_bytes=None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -234,7 +234,9 @@ def stream_shards(
     with (
         ThreadPoolExecutor(workers) as pool,
         ThreadPoolExecutor(1) as finisher,
-        tqdm(total=sum(s.nbytes for s in todo), unit="B", unit_scale=True, desc=desc, disable=None if progress else True) as bar,
+        tqdm(
+            total=sum(s.nbytes for s in todo), unit="B", unit_scale=True, desc=desc, disable=None if progress else True
+        ) as bar,
     ):
         finishing = []
         sink = ShardSet(

@@ -21,6 +21,8 @@ RELEASE_STEP = 256 * 2**20
 
 
 CONVERT_AGAIN = "Convert again (mxconvert MODEL_DIR OUT_DIR --force)"
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
     done = 0
     try:

@@ -71,7 +71,9 @@ def snapshot(root):
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
             path = os.path.join(dirpath, name)
-            found[path] = os.readlink(path) if os.path.islink(path) else (None if name in dirs else open(path, "rb").read())
+            found[path] = (
+                os.readlink(path) if os.path.islink(path) else (None if name in dirs else open(path, "rb").read())
+            )
     return found
 
 
@@ -398,7 +400,9 @@ def forge_delete_layer(out, src):
 
 def forge_relabel_bf16_only(out, src):
     drop_tensors(out, [f"{EXPERTS4}.{k}" for k in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")])
-    edit_json(out / "config.json", lambda c: c["quantization_config"]["experts"]["layers"].update({EXPERTS4: "bf16_only"}))
+    edit_json(
+        out / "config.json", lambda c: c["quantization_config"]["experts"]["layers"].update({EXPERTS4: "bf16_only"})
+    )
     edit_json(out / INDEX, lambda index: index["metadata"].update(total_size=sum(
         len(t) for s in out.glob("model-*.safetensors") for t in read_shard(s)[1].values())))  # fmt: skip
 
