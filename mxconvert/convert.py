@@ -68,7 +68,7 @@ def convert(
     if push_to_hub and not dry_run:
         from .hub import check_push_target  # huggingface_hub's upload machinery only when asked for
 
-        check_push_target(repo_id=push_to_hub, private=private, token=token)
+        push_to_hub = check_push_target(repo_id=push_to_hub, private=private, token=token)
     from_hub = dry_run and is_hub_id(model_dir)  # a dry run of a Hub repo reads its headers alone
     source = open_source(model_dir, headers_only=dry_run, token=token)  # every input read and checked once
     try:
@@ -94,7 +94,7 @@ def convert(
                     size = outdir.human(sum(p.stat().st_size for p in state.doomed))
                     print(f"Replacing the conversion in {out}: deleting its {len(state.doomed)} files ({size}).",
                           file=sys.stderr)  # fmt: skip
-                _write(state, ident, source, plan, options, device=device, progress=progress)
+                _write(state, ident, source, plan, options, device=device, progress=progress, repo_id=push_to_hub)
     finally:
         source.close()
     if push_to_hub and not dry_run:
@@ -125,6 +125,7 @@ def _write(
     *,
     device: str,
     progress: bool,
+    repo_id: str | None,
 ) -> None:
     """Check, then write the shards not kept (recording each), the small files, check the whole, and
     write the manifest last: nothing that can fail comes after it."""
@@ -152,6 +153,7 @@ def _write(
         options=options,
         version=__version__,
         source_files=source.fingerprint(),
+        repo_id=repo_id,  # the card names the repo it is pushed to, when converting for one
     )
     hashes[card.name] = sha256_file(card)
     check_files(out, {name: {"size": (out / name).stat().st_size} for name in hashes}, ignore=(outdir.RECORD_NAME,))

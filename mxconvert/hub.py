@@ -80,9 +80,10 @@ def _push_locked(out_dir, repo_id, private, revision, token, commit_message, cre
         raise explain(e, repo_id=repo_id, endpoint=api.endpoint) from e
 
 
-def check_push_target(*, repo_id: str, private: bool = False, token: str | None = None) -> None:
+def check_push_target(*, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Before hours of converting: a token that the Hub accepts, that may write to the repo's namespace,
-    and a repo that --private can be honoured for. Refuses with the same lines a push would."""
+    and a repo that --private can be honoured for. Refuses with the same lines a push would; returns the
+    full repo id (a bare name lands in the token owner's namespace)."""
     if constants.HF_HUB_OFFLINE:
         raise MxconvertError(
             "--push-to-hub", "HF_HUB_OFFLINE is set, so nothing can be uploaded", "Unset HF_HUB_OFFLINE"
@@ -106,15 +107,17 @@ def check_push_target(*, repo_id: str, private: bool = False, token: str | None 
                 repo_id, f"the token of {me.get('name')} may not write under {namespace}",
                 f"Push to a namespace of yours ({', '.join(sorted(n for n in owners if n))})",
             )  # fmt: skip
+        repo_id = f"{namespace}/{repo_id.split('/')[-1]}"
         try:
             info = api.repo_info(repo_id)
         except RepositoryNotFoundError:
-            return  # created by the push
+            return repo_id  # created by the push
         if private and info.private is False:
             raise MxconvertError(
                 repo_id, "exists and is public, but --private was asked",
                 "Make it private in its settings on the Hub, or push without --private",
             )  # fmt: skip
+        return repo_id
     except MxconvertError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure becomes one line that says what to do

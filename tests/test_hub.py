@@ -343,3 +343,10 @@ def test_a_failed_push_after_converting_says_how_to_resume(hub, tiny, tmp_path):
     hub.faults.clear()
     push(out_dir=out, repo_id=REPO, revision="v1")
     assert "mxconvert.json" in hub.files(REPO, "v1")
+
+
+def test_the_card_names_the_repo_it_is_converted_for(hub, tiny, tmp_path):
+    out = tmp_path / "out"
+    convert(model_dir=str(tiny), out_dir=str(out), progress=False, push_to_hub="mine")  # a bare name: alice's
+    card = hub.files("alice/mine")["README.md"].decode()
+    assert "hf download alice/mine --local-dir mine" in card  # converted for that repo: named, no placeholder
