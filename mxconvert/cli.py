@@ -1,5 +1,6 @@
 """The `mxconvert` command: a thin click shell over convert(), verify() and push(), same parameter names."""
 
+import contextlib
 import difflib
 import json
 import os
@@ -108,6 +109,20 @@ class _Command(click.Command):
             raise _UsageError(line) from None
 
 
+def _quiet_option(command):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars and no messages: errors only.")(command)
+
+
+@contextlib.contextmanager
+def _silenced(quiet: bool):
+    """--quiet: what the command prints goes nowhere; its errors still reach stderr (raised past this)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
 def _run(
     fn,
     *,
@@ -204,13 +219,17 @@ def main():
 @click.option("--revision", metavar="BRANCH", help="With --push-to-hub: push to this branch, created if missing.")
 @click.option("--token", help="Hub token for the source and the push (default: HF_TOKEN, else the saved login).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the report as JSON.")
+@_quiet_option
 def convert(**kwargs):
     """Convert MODEL_DIR (a local checkpoint or a Hub repo id) into OUT_DIR."""
     from .convert import convert as run_convert
 
-    as_json = kwargs.pop("as_json")
-    plan = _run(run_convert, **kwargs)
+    as_json, quiet = kwargs.pop("as_json"), kwargs.pop("quiet")
+    with _silenced(quiet):
+        plan = _run(run_convert, **{**kwargs, "progress": kwargs["progress"] and not quiet})
     out = kwargs["out_dir"]
+    if quiet and plan.report is None:
+        return
     if plan.report is not None:
         from .dryrun import render
 
@@ -232,18 +251,22 @@ def convert(**kwargs):
     "--source", type=click.Path(file_okay=False), help="Also compare every tensor with this source checkpoint."
 )
 @click.option("--quick", is_flag=True, help="Sizes, headers, index and format only; skip the sha256 of every file.")
-def verify(out_dir, source, quick):
+@_quiet_option
+def verify(out_dir, source, quick, quiet):
     """Check OUT_DIR against its manifest and the format (and the source, bit for bit)."""
     from .verify import verify as run_verify
 
-    manifest = _run(
-        run_verify,
-        out_dir=out_dir,
-        source=source,
-        full=not quick,
-        progress=True,
-        interrupted="Interrupted: the check did not finish.",
-    )
+    with _silenced(quiet):
+        manifest = _run(
+            run_verify,
+            out_dir=out_dir,
+            source=source,
+            full=not quick,
+            progress=not quiet,
+            interrupted="Interrupted: the check did not finish.",
+        )
+    if quiet:
+        return
     checked = "sizes, headers" if quick else "sizes, sha256"
     click.echo(
         f"OK: {len(manifest['files'])} files ({checked}, index, format)" + (", source bit-exact" if source else "")
@@ -258,15 +281,18 @@ def verify(out_dir, source, quick):
 @click.option("--token", help="Hub token (default: HF_TOKEN, else the saved login).")
 @click.option("--commit-message", help="Message of the upload commit.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
-def push(**kwargs):
+@_quiet_option
+def push(quiet, **kwargs):
     """Upload a verified OUT_DIR to the Hugging Face Hub, resumably (files already there are skipped)."""
     from .hub import push as run_push
 
-    _run(
-        run_push,
-        **kwargs,
-        interrupted="Interrupted: run the same command again to resume the push; files already on the Hub are skipped.",
-    )
+    with _silenced(quiet):
+        _run(
+            run_push,
+            **kwargs,
+            interrupted="Interrupted: run the same command again to resume the push; files already on the Hub are "
+            "skipped.",
+        )
 
 
 if __name__ == "__main__":

@@ -186,3 +186,14 @@ def test_real_subprocess(source, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 1 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
+
+
+def test_quiet_prints_errors_only(source, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for args in ([str(source), str(out), "--quiet"], ["verify", str(out), "--source", str(source), "-q"]):
+        proc = subprocess.run([sys.executable, "-m", "mxconvert", *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc
+    proc = subprocess.run([sys.executable, "-m", "mxconvert", str(source), str(out), "-q"], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.startswith(f"Error: {out.resolve()}: already")
