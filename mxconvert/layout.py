@@ -9,7 +9,6 @@ import torch
 
 BLOCK = 32  # weights per E8M0 scale, along K
 FN_NEG_ZERO = 0x80  # -0 in E4M3FN, NaN in E4M3FNUZ
-FN_NAN = (0x7F, 0xFF)  # NaN in E4M3FN; the FNUZ maximum (+-240), which a valid source never yields
 SCALE_LIMIT = 254  # a source scale byte >= this has no FNUZ counterpart (254 + 1 is E8M0 NaN)
 
 
