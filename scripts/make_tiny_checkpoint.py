@@ -23,6 +23,7 @@ U8 [out, in/32].
 import argparse
 import json
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,27 @@ EXPERT_NAMES = {
     "hf": ("gate_proj", "up_proj", "down_proj"),
 }  # (gate, up, down)
 DTYPE_BYTES = {"F8_E4M3": 1, "U8": 1, "BF16": 2, "F32": 4}
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    """The model's sizes (MiniMax-M3's keys), tiny by default; `text_only` drops the VL wrapper."""
+
+    hidden_size: int = 160
+    intermediate_size: int = 96
+    num_experts: int = 8
+    top_k: int = 2
+    num_hidden_layers: int = 7
+    num_dense_layers: int = 3
+    dense_intermediate_size: int = 192
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    vocab_size: int = 256
+    mtp: bool = True
+    text_only: bool = False
+
+
 # vLLM's MiniMaxVLVisionModel, tiny: a CLIP-style ViT (Conv3d patches), projector, 2x2 patch merger
 VISION = {
     "model_type": "minimax_m3_vision",
@@ -63,26 +85,18 @@ def _experts(specs, prefix, n, h, i, names, scale_suffix):
             _mx(specs, f"{prefix}.experts.{e}.{proj}", out, inp, scale_suffix)
 
 
-def planted_bytes(
-    *,
-    hidden_size=160,
-    intermediate_size=96,
-    num_experts=8,
-    num_dense_layers=3,
-    naming="minimax",
-    scale_suffix=None,
-    text_only=False,
-):
+def planted_bytes(*, naming="minimax", scale_suffix=None, **shape):
     """[(tensor name, row, col, byte)] of the edge bytes planted in the first MoE layer's experts.
 
     Expert 0 gate row 0 starts with EDGE_FP8 (under random scales: every value exact in BF16); the last
     expert's down row H-1 ends with EDGE_FP8 under scale 253 (its BF16 copy overflows to +-inf); expert 1
     up scale row 0 starts with EDGE_SCALE; the last expert's down scales [H-4:H, I/32-1] are EDGE_SCALE.
     """
-    h, i, last = hidden_size, intermediate_size, num_experts - 1
+    shape = TinyShape(**shape)
+    h, i, last = shape.hidden_size, shape.intermediate_size, shape.num_experts - 1
     gate, up, down = EXPERT_NAMES[naming]
     suffix = scale_suffix or ("weight_scale" if naming == "compressed" else "weight_scale_inv")
-    p = f"{_lm(text_only)}.layers.{num_dense_layers}.block_sparse_moe.experts"
+    p = f"{_lm(shape.text_only)}.layers.{shape.num_dense_layers}.block_sparse_moe.experts"
     out = [(f"{p}.0.{gate}.weight", 0, c, b) for c, b in enumerate(EDGE_FP8)]
     out += [(f"{p}.{last}.{down}.weight", h - 1, i - len(EDGE_FP8) + c, b) for c, b in enumerate(EDGE_FP8)]
     out += [(f"{p}.1.{up}.{suffix}", 0, c, b) for c, b in enumerate(EDGE_SCALE)]
@@ -291,25 +305,13 @@ def make_tiny_checkpoint(
     out_dir,
     *,
     seed=0,
-    hidden_size=160,
-    intermediate_size=96,
-    num_experts=8,
-    top_k=2,
-    num_hidden_layers=7,
-    num_dense_layers=3,
     num_shards=4,
     naming="minimax",
     scale_suffix=None,
-    mtp=True,
-    dense_intermediate_size=192,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    vocab_size=256,
     poison=(),
     fp8_values="uniform",
-    text_only=False,
     demo=False,
+    **shape,
 ) -> Path:
     """Write the checkpoint into out_dir (created; should be empty) and return its path.
 
@@ -322,6 +324,13 @@ def make_tiny_checkpoint(
     demo: Gaussian MXFP8 weights with their own scales and no planted edge bytes (finite forwards);
     else the edge kind the converter's tests check (see the module's docstring).
     """
+    shape = TinyShape(**shape)  # hidden_size=..., num_experts=..., text_only=...: TinyShape's fields
+    num_experts, num_hidden_layers, num_dense_layers = (
+        shape.num_experts,
+        shape.num_hidden_layers,
+        shape.num_dense_layers,
+    )
+    head_dim, vocab_size, mtp, text_only = shape.head_dim, shape.vocab_size, shape.mtp, shape.text_only
     if fp8_values not in ("uniform", "mxfp8"):
         raise ValueError(f"fp8_values must be 'uniform' or 'mxfp8', not {fp8_values!r}")
     if demo and fp8_values != "uniform":
@@ -329,13 +338,8 @@ def make_tiny_checkpoint(
     pool = _mxfp8_pool(seed) if fp8_values == "mxfp8" else None
     if naming not in EXPERT_NAMES:
         raise ValueError(f"naming must be one of {sorted(EXPERT_NAMES)}, not {naming!r}")
-    h, i, d, q, kv = (
-        hidden_size,
-        intermediate_size,
-        dense_intermediate_size,
-        num_attention_heads * head_dim,
-        num_key_value_heads * head_dim,
-    )
+    h, i, d = shape.hidden_size, shape.intermediate_size, shape.dense_intermediate_size
+    q, kv = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
     if any(x % 32 for x in (h, i, d, q)) or h < 128 or i < 32 or num_experts < 2:
         raise ValueError("sizes must be multiples of 32, hidden >= 128, experts >= 2")
     suffix = scale_suffix or ("weight_scale" if naming == "compressed" else "weight_scale_inv")
@@ -377,15 +381,7 @@ def make_tiny_checkpoint(
 
     patches = {}
     if len(moe_layers) and not demo:
-        for name, row, col, byte in planted_bytes(
-            hidden_size=h,
-            intermediate_size=i,
-            num_experts=num_experts,
-            num_dense_layers=num_dense_layers,
-            naming=naming,
-            scale_suffix=suffix,
-            text_only=text_only,
-        ):
+        for name, row, col, byte in planted_bytes(naming=naming, scale_suffix=suffix, **vars(shape)):
             patches.setdefault(name, []).append((row, col, byte))
     byte_tensors = {n for n, dt, _ in specs if dt in ("F8_E4M3", "U8")}
     for name, byte in poison:
@@ -424,19 +420,9 @@ def make_tiny_checkpoint(
     ignored = [f"{head}lm_head"] + ([] if text_only else ["vision_tower", "multi_modal_projector", "patch_merge_mlp"])
     ignored += [f"{lm}.layers.{L}.block_sparse_moe.gate" for L in moe_layers]
     ignored += [f"{lm}.mtp.0.eh_proj", f"{lm}.mtp.0.block_sparse_moe.gate"] if mtp else []
-    a = dict(
-        h=h,
-        i=i,
-        d=d,
-        e=num_experts,
-        top_k=top_k,
-        layers=num_hidden_layers,
-        dense=num_dense_layers,
-        heads=num_attention_heads,
-        kv_heads=num_key_value_heads,
-        hd=head_dim,
-        v=vocab_size,
-    )
+    a = dict(h=h, i=i, d=d, e=num_experts, top_k=shape.top_k, layers=num_hidden_layers, dense=num_dense_layers,
+             heads=shape.num_attention_heads, kv_heads=shape.num_key_value_heads, hd=head_dim,
+             v=vocab_size)  # fmt: skip
     config = _config(a, moe_layers, mtp, naming, ignored, text_only)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for fname, text in SIDE_FILES.items():
