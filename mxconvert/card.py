@@ -36,38 +36,16 @@ STORAGE_HELP = {
 }
 
 
-def write_model_card(
-    *,
-    out_dir: Path,
-    source: str,
-    source_repo_id: str | None,
-    source_revision: str | None,
-    source_card: bytes | Path | None,
-    options: dict,
-    version: str,
-    repo_id: str | None = None,
-    source_files: list[dict] | None = None,
-) -> Path:
-    """Write out_dir/README.md (a temporary name, then a rename) from out_dir/config.json; return its path.
+def write_model_card(*, out_dir: Path, **card) -> Path:
+    """Write out_dir/README.md (a temporary name, then a rename) and return its path: render_card's text for
+    out_dir/config.json's quantization_config, with `card` as render_card's other arguments.
 
     repo_id: the Hub repo the card will live in, when known (the push's target); source_files: the
     manifest's input fingerprint (`source.files`).
     """
     out_dir = Path(out_dir)
-    config = json.loads((out_dir / "config.json").read_text())
-    quant = fmt.find_quant(config)
-    text = render_card(
-        quant=quant,
-        source=source,
-        source_repo_id=source_repo_id,
-        source_revision=source_revision,
-        source_card=source_card,
-        options=options,
-        version=version,
-        repo_id=repo_id,
-        source_files=source_files,
-        project_url=project_url(),
-    )
+    quant = fmt.find_quant(json.loads((out_dir / "config.json").read_text()))
+    text = render_card(quant=quant, project_url=card.pop("project_url", project_url()), **card)
     path = out_dir / fmt.CARD_NAME
     write_atomic(path, str(ModelCard(text)).encode("utf-8"))
     return path

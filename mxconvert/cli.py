@@ -109,6 +109,14 @@ class _Command(click.Command):
             raise _UsageError(line) from None
 
 
+def _choice(name: str, choices: list[str], default: str, help: str):
+    return click.option(name, type=click.Choice(choices), default=default, show_default=True, help=help)
+
+
+def _tokens(name: str, low: int, default: int, help: str):
+    return click.option(name, type=click.IntRange(min=low), default=default, show_default=True, help=help)
+
+
 def _quiet_option(command):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars and no messages: errors only.")(command)
 
@@ -171,38 +179,15 @@ def main():
 @click.option(
     "--long-context", is_flag=True, help="Store MoE layers with index % 5 == 0 as BF16 only (fits HBM at long context)."
 )
-@click.option(
-    "--bf16",
-    type=click.Choice(["materialize", "derive"]),
-    default="materialize",
-    show_default=True,
-    help="materialize: store exact BF16 copies; derive: FP8 only, the runtime dequantizes at load.",
-)
-@click.option(
-    "--bf16-max-tokens",
-    type=click.IntRange(min=0),
-    default=8,
-    show_default=True,
-    help="Batches of at most this many tokens run on the BF16 experts.",
-)
-@click.option(
-    "--bf16-min-tokens",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="Batches of at least this many tokens run on the BF16 experts.",
-)
+@_choice("--bf16", ["materialize", "derive"], "materialize",
+         "materialize: store exact BF16 copies; derive: FP8 only, the runtime dequantizes at load.")  # fmt: skip
+@_tokens("--bf16-max-tokens", 0, 8, "Batches of at most this many tokens run on the BF16 experts.")
+@_tokens("--bf16-min-tokens", 1, 1024, "Batches of at least this many tokens run on the BF16 experts.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 2GiB).")
 @click.option(
-    "--dry-run", is_flag=True, help="Print the plan (layers, storage, tensors, bytes, peak memory); write nothing."
+    "--dry-run", is_flag=True, help="Report the bytes in and out, the disks, peak memory and time; write nothing."
 )
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda"]),
-    default="cpu",
-    show_default=True,
-    help="Where the BF16 copies are computed (bit-identical either way).",
-)
+@_choice("--device", ["cpu", "cuda"], "cpu", "Where the BF16 copies are computed (bit-identical either way).")
 @click.option(
     "--force", is_flag=True, help="Replace an earlier conversion in OUT_DIR (only files it wrote; others are refused)."
 )

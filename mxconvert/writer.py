@@ -215,10 +215,7 @@ class ShardSet:
         if data.numel() == 0:  # an empty tensor is all header: a shard is full once its bytes are in
             return
         shard = self.shard_of[name]
-        with self._lock:
-            writer = self.open.get(shard.name)
-            if writer is None:
-                writer = self.open[shard.name] = self.shard_type(self.out_dir / shard.name, shard.tensors)
+        writer = self._writer(shard)
         n = writer.write(name, offset, data)
         with self._lock:
             writer.remaining -= n
@@ -233,12 +230,15 @@ class ShardSet:
         """A read-ahead hint for bytes of tensor `name` that a later write will compare (ShardChecker)."""
         if not self.shard_type.prefetches or nbytes == 0:
             return
-        shard = self.shard_of[name]
+        self._writer(self.shard_of[name]).prefetch(name, offset, nbytes)
+
+    def _writer(self, shard: Shard) -> ShardWriter:
+        """The shard's open writer (or checker), opened on first use."""
         with self._lock:
             writer = self.open.get(shard.name)
             if writer is None:
                 writer = self.open[shard.name] = self.shard_type(self.out_dir / shard.name, shard.tensors)
-        writer.prefetch(name, offset, nbytes)
+            return writer
 
     def empty_shards(self) -> list[Shard]:
         """Shards without a data byte (only empty tensors): no write ever opens them."""
