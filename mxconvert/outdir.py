@@ -178,7 +178,8 @@ def inspect(out: Path, source_dir: Path, *, force: bool, resume: bool, ident: di
     if force:
         ours = _our_files(out, has_manifest, has_record)
         _refuse_foreign(out, present, ours, "--force")
-        return OutDir(out, doomed=[out / name for name in present])
+        last = (fmt.MANIFEST_NAME, RECORD_NAME)  # deleted last: a run stopped midway still finds them and
+        return OutDir(out, doomed=[out / n for n in sorted(present, key=lambda n: n in last)])  # what they name
     if has_manifest:
         if not resume:
             raise MxconvertError(
