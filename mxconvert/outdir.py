@@ -212,10 +212,16 @@ def inspect(out: Path, source_dir: Path, *, force: bool, resume: bool, ident: di
 
 
 def _our_files(out: Path, has_manifest: bool, has_record: bool) -> set[str]:
-    if has_manifest:
-        return _named(load_manifest(out)) | ({RECORD_NAME} if has_record else set())
-    if has_record:
-        return _named(load_record(out))
+    try:
+        if has_manifest:
+            return _named(load_manifest(out)) | ({RECORD_NAME} if has_record else set())
+        if has_record:
+            return _named(load_record(out))
+    except MxconvertError as e:  # which files are ours is unknown: deleting any could lose the user's
+        raise MxconvertError(
+            e.subject, f"{e.problem}, so --force cannot tell which files mxconvert wrote",
+            "Delete that OUT_DIR yourself if it holds nothing else of yours, or pick another OUT_DIR",
+        ) from None  # fmt: skip
     present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
     more = f" and {len(present) - 3} more" if len(present) > 3 else ""
     raise MxconvertError(
