@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import format as fmt
-from .errors import MxconvertError, check_regular, parse_json, plain_name
+from .errors import MxconvertError, check_regular, parse_json, plain_name, real_path
 from .headers import DTYPE_BYTES, TensorInfo, parse_header, read_head
 from .layout import BLOCK
 
@@ -74,11 +74,11 @@ class LocalFiles:
 
     def __init__(self, model_dir: Path, *, ident: dict | None = None):
         self.dir = Path(model_dir)
-        self.ident = ident or {"name": self.dir.resolve().name}  # a Hub snapshot's is its repo id and revision
+        self.ident = ident or {"name": real_path(self.dir).name}  # a Hub snapshot's is its repo id and revision
         if not self.dir.is_dir():
             problem = "is not a directory" if self.dir.exists() else "does not exist"
             raise MxconvertError(self.dir, problem, "Pass a checkpoint directory or a Hub repo id")
-        root = self.dir.resolve()
+        root = real_path(self.dir)
         blobs = root.parent.parent / "blobs"  # a Hub cache snapshot: models--org--name/snapshots/<rev>/
         self._roots = (root, blobs) if root.parent.name == "snapshots" and blobs.is_dir() else (root,)
         self.real: dict[Path, Path] = {}  # each input as named -> the file it really is
@@ -91,7 +91,7 @@ class LocalFiles:
         path = self.dir / name
         if not os.path.lexists(path):
             raise MxconvertError(path, "is missing", missing_fix)
-        real = path.resolve()
+        real = real_path(path)
         if os.path.islink(path) and not any(real == r or r in real.parents for r in self._roots):
             raise MxconvertError(path, f"is a link to {real}, outside the source directory", LINK_FIX)
         check_regular(real, path, fix=REDOWNLOAD)

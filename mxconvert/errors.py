@@ -12,8 +12,15 @@ class MxconvertError(Exception):
     """`<subject>: <problem>. <fix>.`; the CLI prints it as one line, with no traceback."""
 
     def __init__(self, subject: str, problem: str, fix: str = ""):
-        self.subject, self.problem, self.fix = str(subject), problem.rstrip("."), fix.rstrip(".")
+        self.subject, self.problem, self.fix = _one_line(str(subject)), _one_line(problem).rstrip("."), fix.rstrip(".")
         super().__init__(f"{self.subject}: {self.problem}." + (f" {self.fix}." if self.fix else ""))
+
+
+def _one_line(text: str) -> str:
+    """Names from the input may hold newlines or control characters: shown escaped, the line stays one."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class OptionError(MxconvertError):
@@ -104,6 +111,12 @@ def _kind(mode: int) -> str:
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
     return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def real_path(path: Path) -> Path:
+    """Where a path really leads, links resolved; a link loop is left for the next stat to report (as an
+    OSError naming the file), not raised here (pathlib raises RuntimeError on one)."""
+    return Path(os.path.realpath(path))
 
 
 def plain_name(value, subject, *, fix: str, what: str = "file name") -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import format as fmt
-from .errors import MxconvertError, plain_name, read_json
+from .errors import MxconvertError, plain_name, read_json, real_path
 from .files import PARTIAL, sha256_file, write_json_atomic
 from .manifest import load_manifest
 
@@ -81,7 +81,7 @@ class OutDir:
 def locked(out: Path):
     """OUT_DIR (created if missing) with an exclusive lock held by this process: one mxconvert at a time
     per OUT_DIR. On the way out the lock file goes, and OUT_DIR too if this call created it and it is empty."""
-    out = out.resolve()
+    out = real_path(out)
     if out.exists() and not out.is_dir():
         raise MxconvertError(out, "is a file, not a directory", "Pick another OUT_DIR")
     created = [p for p in (out, *out.parents) if not p.exists()]
@@ -142,7 +142,7 @@ def _remove_created(created: list[Path]) -> None:
 @contextlib.contextmanager
 def locked_for_reading(out: Path):
     """The lock for `push`: taken where OUT_DIR is writable (a read-only copy has no writer to fear)."""
-    out = Path(out).resolve()
+    out = real_path(Path(out))
     if not out.is_dir() or not os.access(out, os.W_OK):
         yield out
         return
@@ -157,7 +157,7 @@ def locked_for_reading(out: Path):
 def check_paths(out: Path, source_dir: Path, inputs: list[Path]) -> None:
     """OUT_DIR must not be the source, lie inside it, or hold it or any file it reads (links resolved):
     the run writes there, and --force deletes there."""
-    out, src = out.resolve(), source_dir.resolve()
+    out, src = real_path(out), real_path(source_dir)
     if out == src or src in out.parents or out in src.parents:
         raise MxconvertError(out, f"is, contains or lies inside the source {src}", "Pick an OUT_DIR outside MODEL_DIR")
     for path in inputs:
