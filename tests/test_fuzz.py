@@ -52,8 +52,8 @@ SMALL = dict(
     num_hidden_layers=3,
     num_dense_layers=1,
 )
-# Few layers and experts keep a case near 0.1 s; the variants cover VL/text-only, index/single shard,
-# the three namings, MTP, and a MoE layer 0 (--long-context's BF16 band). Edge bytes: the default.
+# Few layers and experts keep a case near 40 ms (500 in ~20 s); variants: VL and text-only, index or one shard,
+# the three namings, MTP, and a MoE layer 0 (--long-context's BF16 band). demo=False: the edge bytes.
 BASES = {
     "vl": dict(SMALL, num_experts=2, num_shards=3),
     "text": dict(SMALL, num_experts=3, num_shards=1, text_only=True, naming="hf", mtp=False, num_dense_layers=0),
@@ -78,7 +78,7 @@ SIDE_NAMES = (  # side-file patterns the converter copies, and names it should n
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-bases")
-    return {name: make_tiny_checkpoint(root / name, seed=7, **kw) for name, kw in BASES.items()}
+    return {name: make_tiny_checkpoint(root / name, seed=7, demo=False, **kw) for name, kw in BASES.items()}
 
 
 # JSON written by hand: duplicate keys, raw tokens (huge numbers, NaN, deep nesting), lone surrogates --------
