@@ -263,37 +263,6 @@ def _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIG
 
 
 @triton.jit
-def _sum_k_token(token, pid_n, a_ptr, b_ptr, bs_ptr, c_ptr, w_ptr, ids_ptr, N, K, E, stride_am, stride_be, stride_bn,
-                 stride_bse, stride_bsg, stride_cm, MODE: tl.constexpr, SCALE_SHIFT: tl.constexpr,
-                 SWAP_AB: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr,
-                 SUM_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    # One token's SUM_K pairs (DIRECT, A_DIV 1, BF16 A): sum_j w_j * A[pair_j] @ B[e_j]^T into C[token].
-    # An expert held elsewhere adds zero (its A row is masked; expert 0's tile stands in for the pointers).
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    first = tl.arange(0, BLOCK_M) == 0
-    for j in range(SUM_K):
-        pair = token * SUM_K + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        ex = expert + tl.zeros((BLOCK_M,), tl.int64)  # as a vector: the interpreter rejects scalar-bool masks
-        row_ok = first & (ex >= 0) & (ex < E)
-        expert = tl.where((expert >= 0) & (expert < E), expert, 0)
-        rows = tl.where(row_ok, pair, 0)
-        part = tl.zeros_like(acc)
-        for k0 in range(0, K, BLOCK_K):
-            part = _k_step(part, k0, a_ptr, a_ptr, b_ptr + expert * stride_be, bs_ptr + expert * stride_bse, rows,
-                           row_ok, offs_n, n_ok, K, stride_am, 0, stride_bn, stride_bsg, MODE, SCALE_SHIFT, SWAP_AB,
-                           UPCAST, EVEN_K, DEQUANT, BLOCK_K)  # fmt: skip
-        acc += part * tl.load(w_ptr + pair).to(tl.float32)
-    tokens = token + tl.zeros((BLOCK_M,), tl.int32)
-    _store_c(acc, c_ptr, w_ptr, tokens, first, offs_n, n_ok, stride_cm, False, SWAP_AB, UPCAST, False)
-
-
-@triton.jit
 def _fused_moe_kernel(
     a_ptr,
     as_ptr,
@@ -325,7 +294,6 @@ def _fused_moe_kernel(
     DEQUANT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DIRECT: tl.constexpr,
-    SUM_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -334,12 +302,9 @@ def _fused_moe_kernel(
     # Shape legend: P pairs, N out, K in, G = K / 32; A [P / A_DIV, K], B [E, N, K], C [P, N]
     # (SPLIT_K > 1: fp32 C [SPLIT_K, P, N]). DIRECT: no alignment; program row block m is pair m alone and
     # expert_ids_ptr the flat top-k ids (decode: skips the alignment launch; pairs sharing an expert stream
-    # its weights once each). SUM_K (with DIRECT, GEMM2): program row block m is token m, whose SUM_K pairs
-    # it runs one after another, weighting and summing them: C [P / SUM_K, N], the top-k sum's launch folded in.
+    # its weights once each).
     pid = tl.program_id(0)
-    if SUM_K > 0:
-        num_m = P // SUM_K
-    elif DIRECT:
+    if DIRECT:
         num_m = P
     else:
         num_m = tl.cdiv(tl.load(num_post_pad_ptr), BLOCK_M)
@@ -352,11 +317,6 @@ def _fused_moe_kernel(
     pid_m = first_m + (pid % in_group) % group_m
     pid_n = (pid % in_group) // group_m
 
-    if SUM_K > 0:
-        _sum_k_token(pid_m, pid_n, a_ptr, b_ptr, bs_ptr, c_ptr, w_ptr, expert_ids_ptr, N, K, E, stride_am,
-                     stride_be, stride_bn, stride_bse, stride_bsg, stride_cm, MODE, SCALE_SHIFT, SWAP_AB, UPCAST,
-                     EVEN_K, DEQUANT, SUM_K, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        return
     if DIRECT:
         pairs = pid_m + tl.zeros((BLOCK_M,), tl.int32)
         row_ok = tl.arange(0, BLOCK_M) == 0

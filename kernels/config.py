@@ -28,7 +28,6 @@ class MoeConfig:
     gemm1: GemmTile
     gemm2: GemmTile
     direct: bool = False  # no alignment: a block per pair (decode: one launch less; shared experts re-read)
-    sum_k: bool = False  # with direct: GEMM2 programs sum each token's k pairs (no top-k sum launch; not W8A8)
 
 
 # Native MXFP8 formulation per device family; Hopper's settled by the bench (notes/kernels.md).
@@ -36,8 +35,7 @@ NATIVE_MODE = {"gfx942": "w8a8", "hopper": "w8a16", "cpu": "w8a8", "other": "w8a
 
 Tile = GemmTile
 SWAP_AB = True
-# Hopper: (largest tokens per expert (T * k / E), block_m, GEMM1 tile, GEMM2 tile[, DIRECT[, SUM_K]]), first
-# match wins.
+# Hopper: (largest tokens per expert (T * k / E), block_m, GEMM1 tile, GEMM2 tile[, DIRECT]), first match wins.
 # Rows are the sweep's best at T 1, 8-32, 128, 512, 1024, 4096, 8192 (top-4 of 128 experts).
 HOPPER = {
     "bf16": [
@@ -76,7 +74,6 @@ HOPPER = {
 # 4-32 row blocks leave SMs idle; no alignment launch up to T 8 (DIRECT: 30 vs 40 us at T 1, 100 vs 112
 # at T 8; a tie at T 16).
 DIRECT = "direct"
-SUM_K = "sum_k"  # with DIRECT: GEMM2 programs sum each token's k pairs (no top-k sum launch)
 H200_W8A16 = [
     (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB, split_k=4), Tile(64, 128, 4, 3), DIRECT),
     (0.25, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB), DIRECT),
@@ -154,5 +151,5 @@ def moe_config(
         )
     for limit, bm, t1, t2, *flags in hopper_table(device)[mode]:
         if limit is None or tpe <= limit:
-            return MoeConfig(bm, t1, t2, direct=DIRECT in flags, sum_k=SUM_K in flags)
+            return MoeConfig(bm, t1, t2, direct=DIRECT in flags)
     raise AssertionError("unreachable: the last row has no limit")

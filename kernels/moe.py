@@ -102,8 +102,6 @@ def _forward(
     else:  # BF16 activations; FP8 weights (w8a16) are dequantized in registers
         y1 = moe_gemm(hidden.contiguous(), w13, a_div=k, tile=config.gemm1, b_scale=w13_scale, **gemm)
         a2 = swiglu_oai(y1, act=activation)
-        if config.direct and config.sum_k:  # GEMM2 writes each token's weighted sum over its k pairs
-            return moe_gemm(a2, w2, a_div=1, tile=config.gemm2, b_scale=w2_scale, topk_weights=weights, sum_k=k, **gemm)
         y2 = moe_gemm(a2, w2, a_div=1, tile=config.gemm2, b_scale=w2_scale, topk_weights=weights, zero=outside, **gemm)
     return y2.view(t, k, h).sum(dim=1)  # one kernel, fp32 accumulation inside, BF16 out
 

@@ -35,14 +35,11 @@ def moe_gemm(
     zero: bool = False,
     topk_ids: torch.Tensor | None = None,
     block_m: int = 16,
-    sum_k: int = 0,
 ) -> torch.Tensor:
     """C [P, N] BF16 = A[p // a_div] @ B[expert(p)]^T (* topk_weights[p]); no host synchronization.
     Rows of pairs that no block holds (ids outside [0, E)) are left unwritten: zeros with zero=True.
     tile.split_k > 1: fp32 partial sums [split_k, P, N] instead, which the caller adds up.
     align None: no alignment, each pair its own block_m block (topk_ids [T, k] int32 give the experts).
-    sum_k = k (align None, a_div 1, topk_weights, W8A16 / BF16): C [T, N] = sum over each token's k pairs
-    of the weighted products (the top-k sum folded in; experts outside [0, E) add zero).
 
     FP8 B bytes are E4M3FNUZ. fp8_format "fnuz" feeds them to the dot as they are (gfx942); "fn" reads
     them as E4M3FN, which doubles each value, and lowers every scale exponent by one (exact) to undo it.
@@ -62,12 +59,8 @@ def moe_gemm(
         raise MxconvertError("moe_gemm", "w8a8 without FP8 activations", "quantize A with quantize_mxfp8")
     if align is None and (topk_ids is None or topk_ids.numel() != num_pairs):
         raise MxconvertError("moe_gemm", "no alignment and no topk_ids", "pass align or topk_ids [T, k]")
-    if sum_k and (align is not None or a_div != 1 or topk_weights is None or mode == "w8a8" or tile.split_k > 1):
-        raise MxconvertError("moe_gemm", f"sum_k {sum_k}", "needs align None, a_div 1, topk_weights, no W8A8/split")
     split = tile.split_k
     shape, dtype = ((split, num_pairs, n), torch.float32) if split > 1 else ((num_pairs, n), torch.bfloat16)
-    if sum_k:
-        shape = (num_pairs // sum_k, n)
     c = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=a.device)
     if num_pairs == 0:
         return c
@@ -80,7 +73,7 @@ def moe_gemm(
     dummy = c
     if align is None:
         ids = topk_ids.reshape(-1)
-        blocks, bm, sorted_ids, expert_ids, num_post_pad = num_pairs // max(sum_k, 1), block_m, ids, ids, ids
+        blocks, bm, sorted_ids, expert_ids, num_post_pad = num_pairs, block_m, ids, ids, ids
     else:
         blocks, bm = align.max_blocks, align.block_m
         sorted_ids, expert_ids, num_post_pad = align.sorted_ids, align.expert_ids, align.num_post_pad
@@ -115,7 +108,6 @@ def moe_gemm(
         DEQUANT=DEQUANT[dequant],
         SPLIT_K=split,
         DIRECT=align is None,
-        SUM_K=sum_k,
         BLOCK_M=bm,
         BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k,

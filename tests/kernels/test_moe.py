@@ -67,20 +67,16 @@ def test_forward_split_k(mode, device, gen):
 
 @pytest.mark.parametrize("mode", ["w8a16", "bf16", "w8a8"])
 def test_forward_decode_variants(mode, device, gen):
-    # no alignment (direct) with split-K GEMM1; and GEMM2 summing each token's pairs (sum_k; W8A8 ignores it)
+    # no alignment (direct) with split-K GEMM1
     x, w, ids, fp8, wf = make(3, 4, 8, 192, 64, gen, device)
+    conf = MoeConfig(16, GemmTile(32, 64, 4, 1, split_k=2), GemmTile(32, 64, 4, 1, swap_ab=True), direct=True)
     q = fp8_format(x.device) if mode == "w8a8" else None
     ref = moe_experts_reference(x, w, ids, **wf, quantize=q)
-    for sum_k in (False, True):
-        g2 = GemmTile(32, 64, 4, 1, swap_ab=True)
-        conf = MoeConfig(16, GemmTile(32, 64, 4, 1, split_k=2), g2, direct=True, sum_k=sum_k)
-        if mode == "bf16":
-            bf = dict(w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16())
-            out = moe_experts_bf16(x, w, ids, **bf, config=conf)
-        else:
-            out = moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=conf)
-        assert out.shape == x.shape and out.dtype == torch.bfloat16
-        assert rel_err(out, ref) < (2e-2 if mode == "w8a8" else 1e-2)
+    if mode == "bf16":
+        out = moe_experts_bf16(x, w, ids, w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16(), config=conf)
+    else:
+        out = moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=conf)
+    assert rel_err(out, ref) < (2e-2 if mode == "w8a8" else 1e-2)
 
 
 def test_direct_zero_outside_experts(device, gen):
@@ -88,11 +84,10 @@ def test_direct_zero_outside_experts(device, gen):
     x, w, ids, fp8, wf = make(4, 2, 4, 64, 32, gen, device)
     ids_ep = ids.clone()
     ids_ep[0] = torch.tensor([-1, 9], dtype=ids.dtype)
-    for sum_k in (False, True):
-        conf = MoeConfig(16, GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1), direct=True, sum_k=sum_k)
-        out = moe_experts_mxfp8(x, w, ids_ep, **fp8, mode="w8a16", config=conf, zero_outside_experts=True)
-        assert torch.count_nonzero(out[0]) == 0
-        assert rel_err(out, moe_experts_reference(x, w, ids_ep, **wf)) < 1e-2
+    conf = MoeConfig(16, GemmTile(32, 64, 4, 1), GemmTile(32, 32, 4, 1), direct=True)
+    out = moe_experts_mxfp8(x, w, ids_ep, **fp8, mode="w8a16", config=conf, zero_outside_experts=True)
+    assert torch.count_nonzero(out[0]) == 0
+    assert rel_err(out, moe_experts_reference(x, w, ids_ep, **wf)) < 1e-2
 
 
 def test_forward_empty(device, gen):

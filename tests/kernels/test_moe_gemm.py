@@ -106,34 +106,6 @@ def test_direct(mode, swap, gemm2, device, gen):
         assert rel_err(out, ref) < 5e-3, tile
 
 
-@pytest.mark.parametrize("mode", ["w8a16", "bf16"])
-@pytest.mark.parametrize("swap", [False, True])
-def test_direct_sum_k(mode, swap, device, gen):
-    # GEMM2 with the top-k sum folded in: C [T, N] = sum_j w_j * A[t k + j] @ B[e_j]^T
-    t, k, e, n, kdim = 5, 3, 4, 96, 160
-    ids, w = random_routing(t, k, e, gen)
-    vals, scales = random_fnuz_weights(e, n, kdim, gen)
-    wf = dequantized_weights(vals, scales)
-    a = torch.randn(t * k, kdim, generator=gen).bfloat16()
-    b = wf.bfloat16().to(device) if mode == "bf16" else vals.to(device)
-    out = moe_gemm(
-        a.to(device),
-        b,
-        align=None,
-        topk_ids=ids.to(device),
-        num_pairs=t * k,
-        a_div=1,
-        tile=GemmTile(64, 64, 4, 1, swap_ab=swap),
-        mode=mode,
-        b_scale=None if mode == "bf16" else scales.to(device),
-        topk_weights=w.reshape(-1).to(device),
-        sum_k=k,
-    )
-    ref_b = wf.bfloat16().float() if mode == "bf16" else wf
-    ref = moe_gemm_reference(a, ref_b, ids, a_div=1, topk_weights=w).view(t, k, n).sum(1)
-    assert out.shape == (t, n) and rel_err(out.cpu(), ref) < 5e-3
-
-
 @pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("mode", ["w8a16", "w8a8", "bf16"])
 @pytest.mark.parametrize("swap", [False, True])
