@@ -2,9 +2,10 @@
 
 Shape legend: T tokens, k slots, P = T * k, E experts, H hidden, I intermediate per rank.
 hidden [T, H] BF16, topk_weights [T, k] (float), topk_ids [T, k] (int) -> out [T, H] BF16.
-Steps: align routing; (quantize hidden); GEMM1 [P, 2I]; SwiGLU-OAI (+ quantize) [P, I]; GEMM2 with the
-top-k weights [P, H]; sum over k. No host synchronization: every buffer is sized from shapes alone,
-so the forward can be captured in a CUDA graph and replayed with new routing.
+Steps: align routing (decode configs with direct=True skip it: a block per pair); (quantize hidden);
+GEMM1 [P, 2I] (split-K configs: fp32 partials, which the SwiGLU kernel sums); SwiGLU-OAI (+ quantize)
+[P, I]; GEMM2 with the top-k weights [P, H]; sum over k. No host synchronization: every buffer is sized
+from shapes alone, so the forward can be captured in a CUDA graph and replayed with new routing.
 W8A8 activation quantization follows quant.py's rounding rule (E4M3FN, max 448, on NVIDIA; E4M3FNUZ,
 max 240, on gfx942).
 """

@@ -4,6 +4,8 @@ Shape legend: T tokens, k slots, E experts (global), e experts on this rank, H h
 on this rank. A batch runs on the BF16 experts when T <= bf16_max_tokens or T >= bf16_min_tokens (or the
 layer is bf16_only, or experts are split over ranks), else on the device's native MXFP8 path (W8A8 on
 MI300X, W8A16 on Hopper: kernels/config.py). The choice depends on T alone, so it costs no host sync.
+A layer keeps only the copies its bands use: with an empty BF16 band (runtime/bands.py) FP8 and scales
+alone.
 """
 
 import logging
