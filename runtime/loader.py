@@ -19,8 +19,8 @@ from mxconvert.headers import DTYPE_BYTES, TensorInfo, read_header
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.manifest import load_manifest
 from mxconvert.runtime.bands import bands_for
-from mxconvert.runtime.moe import ExpertWeights, MoELayer, bf16_copies
-from mxconvert.runtime.sharding import ExpertSlice, expert_slices
+from mxconvert.runtime.moe import ExpertWeights, MoELayer, bf16_copies, needs_bf16
+from mxconvert.runtime.sharding import ONE_RANK, ExpertSlice, Ranks, expert_slices
 
 TORCH_DTYPE = {"F8_E4M3FNUZ": torch.uint8, "U8": torch.uint8, "BF16": torch.bfloat16, "F32": torch.float32}
 CHUNK = 64 * 2**20  # bytes per staged read
@@ -101,28 +101,27 @@ class ConvertedCheckpoint:
         prefix: str,
         *,
         device="cpu",
-        tp_rank: int = 0,
-        tp_size: int = 1,
-        ep_rank: int = 0,
-        ep_size: int = 1,
+        ranks: Ranks = ONE_RANK,
         native: bool | None = None,
+        bf16: bool = True,
     ) -> ExpertWeights:
         """One expert group's tensors for this rank. native: load the FP8 copies (default: not under
-        EP, which runs BF16 only). native_only groups get BF16 copies dequantized here, on `device`."""
+        expert parallelism, which runs BF16 only); bf16: load (or, for native_only groups, dequantize
+        here on `device`) the BF16 copies: a layer whose BF16 band is empty needs none."""
         storage = self.layers.get(prefix)
         if storage is None:
             raise MxconvertError(prefix, "is not an expert group of this checkpoint", f"use one of {list(self.layers)}")
-        native = ep_size == 1 if native is None else native
-        ranks = dict(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+        native = not ranks.expert_parallel if native is None else native
+        bf16 = bf16 or storage == fmt.BF16_ONLY or not native  # a layer runs something
         stored = fmt.STORED[storage]
-        want = [s for s in stored if s in fmt.BF16_TENSORS or native or storage == fmt.NATIVE_ONLY]
+        want = [s for s in stored if (bf16 if s in fmt.BF16_TENSORS else native or storage == fmt.NATIVE_ONLY)]
         got, first, e = {}, 0, None
         for suffix in want:
             info = self.tensor(f"{prefix}.{suffix}")
-            sl = expert_slices(suffix, info.shape, **ranks)
+            sl = expert_slices(suffix, info.shape, ranks)
             got[suffix] = self.read(info.name, sl, device=device)
             first, e = sl.experts.start, info.shape[0]
-        if storage == fmt.NATIVE_ONLY:
+        if storage == fmt.NATIVE_ONLY and bf16:
             got["w13_weight_bf16"], got["w2_weight_bf16"] = bf16_copies(
                 got["w13_weight"], got["w13_weight_scale"], got["w2_weight"], got["w2_weight_scale"]
             )
@@ -240,18 +239,17 @@ def load_moe_layer(
     prefix: str,
     *,
     device="cpu",
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    ep_rank: int = 0,
-    ep_size: int = 1,
+    ranks: Ranks = ONE_RANK,
     bands: tuple[int, int] | None = None,
     native_mode: str | None = None,
 ) -> MoELayer:
-    """A ready MoELayer: the rank's weights, the device's tuned bands (else the config's), the activation."""
+    """A ready MoELayer: the rank's weights (only those its bands use), the device's tuned bands (else
+    the config's), the activation."""
     lo, hi = bands or bands_for(device, default=ckpt.dispatch)
+    storage = ckpt.layers.get(prefix, fmt.DUAL)
     weights = ckpt.load_experts(
-        prefix, device=device, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
-        native=ep_size == 1 and lo + 1 < hi,
+        prefix, device=device, ranks=ranks, native=not ranks.expert_parallel and lo + 1 < hi,
+        bf16=needs_bf16(lo, hi, storage=storage, expert_parallel=ranks.expert_parallel),
     )  # fmt: skip
     return MoELayer(
         weights, bf16_max_tokens=lo, bf16_min_tokens=hi, activation=ckpt.activation, native_mode=native_mode

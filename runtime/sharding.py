@@ -54,26 +54,42 @@ class ExpertSlice:
         return views[0] if len(views) == 1 else torch.cat(views, dim=self.axis)
 
 
-def _check_ranks(tp_rank: int, tp_size: int, ep_rank: int, ep_size: int) -> None:
-    if tp_size < 1 or ep_size < 1 or not (0 <= tp_rank < tp_size) or not (0 <= ep_rank < ep_size):
-        raise MxconvertError(
-            "parallel ranks", f"tp {tp_rank}/{tp_size}, ep {ep_rank}/{ep_size}", "need 0 <= rank < size"
-        )
-    if tp_size > 1 and ep_size > 1:
-        raise MxconvertError(
-            "parallel ranks",
-            f"tp_size {tp_size} and ep_size {ep_size} both > 1",
-            "shard experts by tensor or by expert parallelism, not both",
-        )
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks that share the experts: tensor or expert parallel, not both."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+
+    def __post_init__(self):
+        tp, ep = (self.tp_rank, self.tp_size), (self.ep_rank, self.ep_size)
+        if self.tp_size < 1 or self.ep_size < 1 or not (0 <= tp[0] < tp[1]) or not (0 <= ep[0] < ep[1]):
+            raise MxconvertError("parallel ranks", f"tp {tp[0]}/{tp[1]}, ep {ep[0]}/{ep[1]}", "need 0 <= rank < size")
+        if self.tp_size > 1 and self.ep_size > 1:
+            raise MxconvertError(
+                "parallel ranks",
+                f"tp_size {self.tp_size} and ep_size {self.ep_size} both > 1",
+                "shard experts by tensor or by expert parallelism, not both",
+            )
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Experts live on other ranks too: this rank holds a range of them (and runs them in BF16)."""
+        return self.ep_size > 1
 
 
-def expert_slices(
-    suffix: str, shape: tuple[int, ...], *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1
-) -> ExpertSlice:
+ONE_RANK = Ranks()
+
+
+def expert_slices(suffix: str, shape: tuple[int, ...], ranks: Ranks = ONE_RANK) -> ExpertSlice:
     """The rank's ExpertSlice of the full stacked tensor `P.<suffix>` of this shape."""
     if suffix not in EXPERT_TENSORS:
-        raise MxconvertError(suffix, "is not an expert tensor of docs/FORMAT.md", f"use one of {sorted(EXPERT_TENSORS)}")
-    _check_ranks(tp_rank, tp_size, ep_rank, ep_size)
+        raise MxconvertError(
+            suffix, "is not an expert tensor of docs/FORMAT.md", f"use one of {sorted(EXPERT_TENSORS)}"
+        )
+    tp_rank, tp_size, ep_rank, ep_size = ranks.tp_rank, ranks.tp_size, ranks.ep_rank, ranks.ep_size
     shape = tuple(int(d) for d in shape)
     e = shape[0]
     axis, unit = TP_AXIS[suffix]
@@ -102,9 +118,6 @@ def expert_slices(
     return ExpertSlice(slice(0, e), axis, parts, shape)
 
 
-def shard_expert_tensor(
-    suffix: str, tensor: torch.Tensor, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1
-) -> torch.Tensor:
+def shard_expert_tensor(suffix: str, tensor: torch.Tensor, ranks: Ranks = ONE_RANK) -> torch.Tensor:
     """The rank's part of a full stacked tensor [E, ...], contiguous."""
-    sl = expert_slices(suffix, tensor.shape, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
-    return sl.apply(tensor).contiguous()
+    return expert_slices(suffix, tensor.shape, ranks).apply(tensor).contiguous()

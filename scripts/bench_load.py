@@ -27,6 +27,7 @@ from bench_convert import CHUNK, E, H, I, files_of, fsync_files, make_full_size_
 
 from mxconvert.convert import convert  # noqa: E402
 from mxconvert.runtime.loader import ConvertedCheckpoint  # noqa: E402
+from mxconvert.runtime.sharding import ONE_RANK, Ranks  # noqa: E402
 
 
 def evict(files, drop_caches: bool) -> str:
@@ -73,18 +74,18 @@ def h2d_gbps() -> float:
     return 5 * src.numel() / (time.perf_counter() - t0) / 1e9
 
 
-def timed_load(ckpt: ConvertedCheckpoint, prefix: str, device: str, **ranks) -> dict:
+def timed_load(ckpt: ConvertedCheckpoint, prefix: str, device: str, ranks: Ranks = ONE_RANK) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     io0, t0 = proc_read_bytes(), time.perf_counter()
-    weights = ckpt.load_experts(prefix, device=device, **ranks)
+    weights = ckpt.load_experts(prefix, device=device, ranks=ranks)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     stored = [s for s in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale", "w13_weight_bf16",
                           "w2_weight_bf16") if f"{prefix}.{s}" in ckpt.weight_map]  # fmt: skip
-    tp = ranks.get("tp_size", 1)
+    tp = ranks.tp_size
     return dict(
         weights=weights,
         seconds=seconds,
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
                 if device == "cuda":
                     torch.cuda.empty_cache()
             if args.tp > 1:
-                r = timed_load(ckpt, prefix, device, tp_rank=0, tp_size=args.tp)
+                r = timed_load(ckpt, prefix, device, Ranks(tp_rank=0, tp_size=args.tp))
                 r.pop("weights")
                 rows.append(dict(mode=mode, storage=ckpt.layers[prefix], cache="warm", how="after a load",
                                  tp=f"0/{args.tp}", plain_read_GBps=None, **r))  # fmt: skip

@@ -14,7 +14,7 @@ from mxconvert import format as fmt
 from mxconvert.errors import MxconvertError
 from mxconvert.runtime.bands import bands_for
 from mxconvert.runtime.moe import ExpertWeights, MoELayer
-from mxconvert.runtime.sharding import expert_slices
+from mxconvert.runtime.sharding import Ranks, expert_slices
 
 # safetensors dtype of docs/FORMAT.md -> torch dtype of the parameter (bytes kept as they are on disk)
 TORCH_DTYPE = {"F8_E4M3FNUZ": torch.float8_e4m3fnuz, "U8": torch.uint8, "BF16": torch.bfloat16}
@@ -47,7 +47,7 @@ class MxconvertMoEMethod(FusedMoEMethodBase):
     ):
         self._refuse_fused_paths(layer)
         par = layer.moe_config.moe_parallel_config
-        self.ranks = dict(tp_rank=par.tp_rank, tp_size=par.tp_size, ep_rank=par.ep_rank, ep_size=par.ep_size)
+        self.ranks = Ranks(tp_rank=par.tp_rank, tp_size=par.tp_size, ep_rank=par.ep_rank, ep_size=par.ep_size)
         e_global = extra_weight_attrs.get("global_num_experts", num_experts)
         h, i = hidden_size, intermediate_size_per_partition * par.tp_size
         self.bands = bands_for(torch.get_default_device(), default=self.quant_config.dispatch)
@@ -61,7 +61,7 @@ class MxconvertMoEMethod(FusedMoEMethodBase):
         for suffix in wanted:
             dtype, shape_of = fmt.EXPERT_TENSORS[suffix]
             full = shape_of(e_global, h, i)
-            sl = expert_slices(suffix, full, **self.ranks)
+            sl = expert_slices(suffix, full, self.ranks)
             if sl.shape[0] != num_experts:
                 raise MxconvertError(
                     f"{self.group}.{suffix}",

@@ -75,3 +75,14 @@ def test_swiglu_quantize_fused(fmt, device, gen):
     rq, rs = quantize_mxfp8_reference(y.cpu(), fmt=fmt)
     assert torch.equal(s.cpu(), rs)
     assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+
+
+def test_swiglu_keeps_nan_and_clamps_inf_as_the_reference(device):
+    """Overflowed weights (scale bytes near 254) give inf and inf - inf = NaN in GEMM1: the clamps keep a
+    NaN a NaN (torch.clamp does; a plain minimum would turn it into the limit) and take inf to the limit."""
+    x = torch.zeros(2, 64)
+    x[0, 0], x[0, 32], x[1, 1], x[1, 33], x[1, 2] = float("nan"), 1.0, float("inf"), float("-inf"), float("nan")
+    y = swiglu_oai(x.bfloat16().to(device)).cpu().float()
+    ref = swiglu_oai_reference(x.bfloat16()).float()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[0, 0]) and torch.isnan(y[1, 2])
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(ref))

@@ -12,6 +12,7 @@ from mxconvert.runtime import moe as runtime_moe
 from mxconvert.runtime.bands import NEVER, bands_for
 from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer
 from mxconvert.runtime.router import route
+from mxconvert.runtime.sharding import ONE_RANK, Ranks
 
 ON_GPU = torch.cuda.is_available()
 BANDS = (2, 6)  # BF16 at T <= 2 and T >= 6, native between
@@ -124,7 +125,7 @@ def test_large_scale_bytes_take_the_exact_route(ckpts, device):
 def test_tp_ranks_sum_to_whole(ckpts, source, t, device):
     c = ConvertedCheckpoint(ckpts["dual"])
     whole = load_moe_layer(c, DUAL, device=device, bands=BANDS)
-    ranks = [load_moe_layer(c, DUAL, device=device, bands=BANDS, tp_rank=r, tp_size=2) for r in range(2)]
+    ranks = [load_moe_layer(c, DUAL, device=device, bands=BANDS, ranks=Ranks(tp_rank=r, tp_size=2)) for r in range(2)]
     assert ranks[0].weights.w13.shape == (4, 64, 128) and ranks[1].weights.w2_scale.shape == (4, 1, 128)
     x, w, ids = inputs(t, seed=20 + t, device=device)
     parts = [r(x, w, ids) for r in ranks]
@@ -137,7 +138,10 @@ def test_tp_ranks_sum_to_whole(ckpts, source, t, device):
 @pytest.mark.parametrize("ep_size", [2, 4])
 def test_expert_parallel(ckpts, source, ep_size, device):
     c = ConvertedCheckpoint(ckpts["derive"])  # native_only on disk: BF16 derived, FP8 dropped
-    ranks = [load_moe_layer(c, DUAL, device=device, bands=BANDS, ep_rank=r, ep_size=ep_size) for r in range(ep_size)]
+    ranks = [
+        load_moe_layer(c, DUAL, device=device, bands=BANDS, ranks=Ranks(ep_rank=r, ep_size=ep_size))
+        for r in range(ep_size)
+    ]
     assert all(r.expert_parallel and not r.native and r.weights.w13 is None for r in ranks)
     x, w, ids = inputs(4, seed=5, device=device)  # T 4 would be native: EP takes BF16
     total = sum(r(x, w, ids).float() for r in ranks)
@@ -186,7 +190,7 @@ def test_bands_for(device):
 def test_cuda_graph_replay(ckpts, ep):
     # no host sync in forward, EP's id mapping included: capture once, rewrite routing, replay
     c = ConvertedCheckpoint(ckpts["dual"])
-    layer = load_moe_layer(c, DUAL, device="cuda", bands=BANDS, **(dict(ep_rank=1, ep_size=2) if ep else {}))
+    layer = load_moe_layer(c, DUAL, device="cuda", bands=BANDS, ranks=Ranks(ep_rank=1, ep_size=2) if ep else ONE_RANK)
     x, w, ids = inputs(4, seed=40, device="cuda")
     graph, out = capture_cuda_graph(lambda: layer(x, w, ids))
     x2, w2, ids2 = inputs(4, seed=41, device="cuda")

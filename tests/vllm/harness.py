@@ -140,11 +140,11 @@ def check_rank_slices(rank: int, model_dir: str, ep: bool, port: int, result_dir
     import json
 
     from mxconvert import format as fmt
-    from mxconvert.runtime.sharding import shard_expert_tensor
+    from mxconvert.runtime.sharding import Ranks, shard_expert_tensor
 
     model, config = load_model(model_dir, tp=2, ep=ep, rank=rank, port=port)
     full = {**read_tensors(materialized), **read_tensors(model_dir)}
-    ranks = dict(tp_rank=0, tp_size=1, ep_rank=rank, ep_size=2) if ep else dict(tp_rank=rank, tp_size=2)
+    ranks = Ranks(ep_rank=rank, ep_size=2) if ep else Ranks(tp_rank=rank, tp_size=2)
     report = {}
     for prefix, layer in moe_prefixes(model).items():
         method = layer.quant_method
@@ -153,7 +153,7 @@ def check_rank_slices(rank: int, model_dir: str, ep: bool, port: int, result_dir
             if suffix in layer._parameters:
                 name = f"{prefix}.{suffix}"
                 got = layer._parameters[suffix].data
-                ok = same_bits(got, shard_expert_tensor(suffix, full[name], **ranks))
+                ok = same_bits(got, shard_expert_tensor(suffix, full[name], ranks))
                 report[prefix]["params"][suffix] = {"exact": ok, "shape": list(got.shape)}
     torch.save(moe_forward(model, config, FORWARD_LAYER, FORWARD_TOKENS), os.path.join(result_dir, f"rank{rank}.pt"))
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
