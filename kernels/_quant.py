@@ -147,9 +147,10 @@ def _swiglu_kernel(
             u += tl.load(base + s * stride_xs + I, mask=mask, other=0.0)
         g = _to_bf16(g, INTERP).to(tl.float32)
         u = _to_bf16(u, INTERP).to(tl.float32)
-    nan = tl.PropagateNan.ALL  # as torch.clamp in the reference: a NaN (inf - inf from overflowed weights) stays NaN
-    gate = tl.minimum(g, limit, propagate_nan=nan)
-    up = tl.minimum(tl.maximum(u, -limit, propagate_nan=nan), limit, propagate_nan=nan)
+    # as torch.clamp in the reference: a NaN (inf - inf from overflowed weights) stays NaN
+    gate = tl.minimum(g, limit, propagate_nan=tl.PropagateNan.ALL)
+    up = tl.maximum(u, -limit, propagate_nan=tl.PropagateNan.ALL)
+    up = tl.minimum(up, limit, propagate_nan=tl.PropagateNan.ALL)
     y = _to_bf16(gate / (1.0 + tl.exp(-alpha * gate)) * (up + beta), INTERP)
     o_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     if QUANT:
