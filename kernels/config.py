@@ -117,8 +117,8 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _gfx942(tokens_per_expert: float, pairs: int, n: int, k: int, block_m: int) -> GemmTile:
-    # The seed's gfx942 rules (seed/inferencex-pr-1753.txt), not measured here.
+def _gfx942(pairs: int, n: int, k: int, block_m: int) -> GemmTile:
+    # The seed design's gfx942 rules (the vLLM pull request mxconvert grew from), not measured here.
     if block_m <= 16 and k <= 512:
         return GemmTile(64, 64, 2, 2)
     if block_m <= 16:
@@ -147,7 +147,7 @@ def moe_config(
         bm = min(max(_next_pow2(max(1, int(tpe))), 16), 64)
         pairs = tokens * top_k
         return MoeConfig(
-            bm, _gfx942(tpe, pairs, 2 * intermediate, hidden, bm), _gfx942(tpe, pairs, hidden, intermediate, bm)
+            bm, _gfx942(pairs, 2 * intermediate, hidden, bm), _gfx942(pairs, hidden, intermediate, bm)
         )
     for limit, bm, t1, t2, *flags in hopper_table(device)[mode]:
         if limit is None or tpe <= limit:

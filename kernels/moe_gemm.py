@@ -19,6 +19,12 @@ DEQUANT = {"fp32": 0, "bits": 1, "asm_f16_1": 2, "asm_f16_pair": 3}
 FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
 
 
+
+def interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (Triton reads it at definition): then they
+    run on the CPU."""
+    return type(_fused_moe_kernel).__name__ == "InterpretedFunction"
+
 def moe_gemm(
     a: torch.Tensor,
     b: torch.Tensor,

@@ -85,9 +85,9 @@ def bf16_copies(
 
 def triton_runs(device: torch.device) -> bool:
     """Triton kernels run on a GPU, or on the CPU when they were built under TRITON_INTERPRET=1."""
-    from mxconvert.kernels._moe_gemm import _fused_moe_kernel
+    from mxconvert.kernels.moe_gemm import interpreted
 
-    return device.type == "cuda" or type(_fused_moe_kernel).__name__ == "InterpretedFunction"
+    return device.type == "cuda" or interpreted()
 
 
 def needs_bf16(bf16_max_tokens: int, bf16_min_tokens: int, *, storage: str = fmt.DUAL, expert_parallel=False) -> bool:

@@ -1,15 +1,28 @@
-"""Tests run from the source tree: the repo root (for mxconvert) and scripts/ (the generator) on sys.path."""
+"""Tests run from the source tree: the repo root (for mxconvert), scripts/ (the generator) and tests/ (shared
+helpers) on sys.path; the GPU marker; the loopback Hub."""
 
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "scripts")):
+for path in (ROOT, os.path.join(ROOT, "scripts"), os.path.dirname(os.path.abspath(__file__))):
     if path not in sys.path:
         sys.path.insert(0, path)
 
 
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu`: the one GPU marker; without a CUDA GPU such tests are skipped, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run it through the device tool)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

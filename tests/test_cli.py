@@ -61,7 +61,8 @@ def test_bad_option_values_are_usage_errors(source, tmp_path):
         (("--bf16-min-tokens", 0), "Error: --bf16-min-tokens: 0 is not in the range x>=1."),
         (("--device", "tpu"), "Error: --device: 'tpu' is not one of 'cpu', 'cuda'."),
         (("--force", "--resume"), "Error: --force: and --resume exclude each other."),
-        (("--frobnicate",), "Error: --frobnicate: is not an option of mxconvert convert (did you mean --force or --private?)."),
+        (("--frobnicate",), "Error: --frobnicate: is not an option of mxconvert convert (did you mean --force or "
+         "--private?)."),
     ]:
         result = run(source, tmp_path / "o", *args)
         assert result.exit_code == 2 and result.output.startswith(line), (args, result.output)

@@ -321,7 +321,6 @@ def test_offline_hub_id_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_copies_on_the_gpu_are_bit_identical(source, converted, tmp_path):
     out = tmp_path / "out"
     convert(model_dir=str(source), out_dir=str(out), max_shard_size="1MB", device="cuda", progress=False)

@@ -226,8 +226,8 @@ CASES = [
          + RE_DOWNLOAD, "nothing"),
     Case("header_entry_corrupt", "a header entry without data_offsets",
          lambda src, out, tmp, mp: edit_header(shard_of(src, W1), lambda h: h[W1].pop("data_offsets")), ARGS, 1,
-         SHARD_ANY + r": header entry " + re.escape(W1) + r" is corrupt \(needs dtype, shape and two data_offsets, nothing else\). "
-         + RE_DOWNLOAD, "nothing"),
+         SHARD_ANY + r": header entry " + re.escape(W1) + r" is corrupt \(needs dtype, shape and two data_offsets, "
+         r"nothing else\). " + RE_DOWNLOAD, "nothing"),
     Case("header_offsets_overlap", "two tensors' bytes overlap",
          lambda src, out, tmp, mp: edit_header(src / "model-00002-of-00004.safetensors", overlap), ARGS, 1,
          SHARD2 + r": header is corrupt: tensor \S+ at \[\d+, \d+\) overlaps \S+ \(ends at \d+\). " + RE_DOWNLOAD,

@@ -25,8 +25,8 @@ def test_hopper_table_is_ordered_and_valid(gpu, mode):
 def test_seed_gfx942_rules():
     # the brief's examples at TP8: GEMM1 N 768 K 6144 -> 32 / 128 / 1 warp; GEMM2 N 6144 K 384 -> 64 / 64 / 2
     t = lambda *a: (lambda g: (g.block_n, g.block_k, g.num_warps))(cfg._gfx942(*a))
-    assert t(1.0, 128, 768, 6144, 16) == (32, 128, 1)
-    assert t(1.0, 128, 6144, 384, 16) == (64, 64, 2)
+    assert t(128, 768, 6144, 16) == (32, 128, 1)
+    assert t(128, 6144, 384, 16) == (64, 64, 2)
 
 
 def test_block_m_follows_tokens_per_expert(monkeypatch):

@@ -14,8 +14,6 @@ from mxconvert.kernels.moe import (
 )
 from mxconvert.kernels.moe_gemm import dequantized_weights
 
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run through the device tool)")
-
 
 def make(t, k, e, h, i, gen, device, skew=False):
     w13, s13 = random_fnuz_weights(e, 2 * i, h, gen)
@@ -100,7 +98,7 @@ def test_native_mode(device):
     assert native_mode(device) in ("w8a8", "w8a16")
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 37, 300])
 def test_forward_tp8_shapes(t, gen):
     # MiniMax-M3 per rank at TP8: E 128, H 6144, I 384, top-4
@@ -108,7 +106,7 @@ def test_forward_tp8_shapes(t, gen):
     check_all(x, w, ids, fp8, wf)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("path", ["w8a8", "w8a16", "bf16"])
 def test_cuda_graph_replay(path, gen):
     # capture with one routing, rewrite the routing in place, replay: the result follows the new routing

@@ -185,7 +185,7 @@ def test_bands_for(device):
         assert bands_for("cuda", default=(8, 1024), table={name: table["Some GPU"]}) == (4, 512)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (run through the device tool)")
+@pytest.mark.gpu
 @pytest.mark.parametrize("ep", [False, True])
 def test_cuda_graph_replay(ckpts, ep):
     # no host sync in forward, EP's id mapping included: capture once, rewrite routing, replay
