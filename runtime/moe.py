@@ -9,7 +9,7 @@ alone.
 """
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -28,7 +28,7 @@ DEQUANT_EXPERTS = 8  # experts dequantized per step on a GPU (bounds the tempora
 
 @dataclass
 class ExpertWeights:
-    """One rank's expert tensors (FORMAT.md layouts; FP8 and scales as uint8 bytes); None where absent."""
+    """One rank's expert tensors (docs/FORMAT.md layouts; FP8 and scales as uint8 bytes); None where absent."""
 
     w13: torch.Tensor | None  # [e, 2I, H] FNUZ bytes
     w13_scale: torch.Tensor | None  # [e, H/32, 2I] E8M0, packed
@@ -120,7 +120,7 @@ class MoELayer:
         activation: SwigluOAI = SwigluOAI(),
         native_mode: str | None = None,
     ):
-        self.weights = weights
+        weights = self.weights = replace(weights)  # ours to trim: the caller's stays as it was
         self.bf16_max_tokens, self.bf16_min_tokens = bf16_max_tokens, bf16_min_tokens
         self.activation = activation
         self.device = weights.device

@@ -142,8 +142,9 @@ class MxconvertMoEMethod(FusedMoEMethodBase):
             bf16_min_tokens=self.bands[1],
             activation=self.quant_config.activation,
         )
-        for s in FIELD:  # the parameters become what the MoE layer keeps (BF16 derived, FP8 dropped)
-            t = getattr(weights, FIELD[s])
+        kept = self.moe_layer.weights  # what the MoE layer keeps (BF16 derived, FP8 dropped): the parameters
+        for s in FIELD:
+            t = getattr(kept, FIELD[s])
             if t is None:
                 layer._parameters.pop(s, None)
             elif s not in layer._parameters or layer._parameters[s].data_ptr() != t.data_ptr():

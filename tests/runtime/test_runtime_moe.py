@@ -198,3 +198,14 @@ def test_cuda_graph_replay(ckpts, ep):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, layer(x2, w2, ids2))
+
+
+def test_the_layer_leaves_the_callers_weights_alone(ckpts):
+    """MoELayer trims and derives on its own copy of ExpertWeights: the caller's object keeps what it had."""
+    from mxconvert.runtime.bands import NEVER
+
+    w = ConvertedCheckpoint(ckpts["dual"]).load_experts(DUAL)
+    before = {k: getattr(w, k) for k in ("w13", "w13_scale", "w2", "w2_scale", "w13_bf16", "w2_bf16")}
+    layer = runtime_moe.MoELayer(w, bf16_max_tokens=0, bf16_min_tokens=NEVER)  # drops the BF16 copies it keeps
+    assert layer.weights.w13_bf16 is None and w.w13_bf16 is not None
+    assert all(getattr(w, k) is t for k, t in before.items())
