@@ -60,7 +60,7 @@ def _forward(
     w2_scale=None,
     activation,
     config,
-    fmt,
+    fp8_format,
     outside,
     dequant="auto",
 ):
@@ -84,11 +84,11 @@ def _forward(
         align = align_routing(topk_ids, num_experts=e, block_m=config.block_m)
     weights = topk_weights.reshape(-1).float().contiguous()
     ids = topk_ids.to(torch.int32).contiguous() if config.direct else None
-    gemm = dict(align=align, num_pairs=t * k, mode=mode, fp8_format=fmt, topk_ids=ids, block_m=config.block_m)
+    gemm = dict(align=align, num_pairs=t * k, mode=mode, fp8_format=fp8_format, topk_ids=ids, block_m=config.block_m)
     if mode == "w8a8":  # MXFP8 activations into both GEMMs
-        xq, xs = quantize_mxfp8(hidden, fmt=fmt)
+        xq, xs = quantize_mxfp8(hidden, fp8_format=fp8_format)
         y1 = moe_gemm(xq, w13, a_div=k, tile=config.gemm1, a_scale=xs, b_scale=w13_scale, **gemm)
-        aq, as_ = swiglu_oai(y1, act=activation, quantize=fmt)
+        aq, as_ = swiglu_oai(y1, act=activation, fp8_format=fp8_format)
         y2 = moe_gemm(
             aq,
             w2,
@@ -146,7 +146,7 @@ def moe_experts_mxfp8(
         w2_scale=w2_scale,
         activation=activation,
         config=config,
-        fmt=fp8_format or cfg.fp8_format(hidden.device),
+        fp8_format=fp8_format or cfg.fp8_format(hidden.device),
         outside=zero_outside_experts,
         dequant=dequant,
     )
@@ -173,7 +173,7 @@ def moe_experts_bf16(
         mode="bf16",
         activation=activation,
         config=config,
-        fmt="fn",
+        fp8_format="fn",
         outside=zero_outside_experts,
     )
 
@@ -186,18 +186,18 @@ def moe_experts_reference(
     w13: torch.Tensor,
     w2: torch.Tensor,
     activation: SwigluOAI = SwigluOAI(),
-    quantize: str | None = None,
+    fp8_format: str | None = None,
 ) -> torch.Tensor:
     """float32 forward from float weights w13 [E, 2I, H], w2 [E, H, I] (dequantized first).
 
-    quantize="fn"/"fnuz" emulates W8A8: both GEMM inputs pass through quantize_mxfp8_reference.
+    fp8_format="fn"/"fnuz" emulates W8A8: both GEMM inputs pass through quantize_mxfp8_reference.
     GEMM1's output is rounded to BF16, as the kernels store it. Ids outside [0, E) contribute zero.
     """
 
     def q(x):
-        if not quantize:
+        if not fp8_format:
             return x.float()
-        v, s = quantize_mxfp8_reference(x, fmt=quantize)
+        v, s = quantize_mxfp8_reference(x, fp8_format=fp8_format)
         return (v.float().view(x.shape[0], -1, BLOCK) * torch.exp2(s.float() - 127).unsqueeze(-1)).view(x.shape)
 
     t, h = hidden.shape

@@ -37,17 +37,17 @@ class SwigluOAI:
     limit: float = 7.0
 
 
-def _consts(fmt):
-    _, bias, max_exp, max_mant = FP8_FORMATS[fmt]
+def _consts(fp8_format):
+    _, bias, max_exp, max_mant = FP8_FORMATS[fp8_format]
     return dict(BIAS=bias, MAX_EXP=max_exp, MAX_MANT=max_mant)
 
 
-def quantize_mxfp8(x: torch.Tensor, *, fmt: str = "fn") -> tuple[torch.Tensor, torch.Tensor]:
-    """BF16 [M, K] -> (FP8 [M, K] in `fmt` ("fn" E4M3FN, "fnuz" E4M3FNUZ), E8M0 scale bytes [M, K/32])."""
+def quantize_mxfp8(x: torch.Tensor, *, fp8_format: str = "fn") -> tuple[torch.Tensor, torch.Tensor]:
+    """BF16 [M, K] -> (FP8 [M, K] in `fp8_format` ("fn" E4M3FN, "fnuz" E4M3FNUZ), E8M0 scale bytes [M, K/32])."""
     assert x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] % BLOCK == 0, (x.shape, x.dtype)
     x = x.contiguous()
     m, k = x.shape
-    q = torch.empty(m, k, dtype=FP8_FORMATS[fmt][0], device=x.device)
+    q = torch.empty(m, k, dtype=FP8_FORMATS[fp8_format][0], device=x.device)
     s = torch.empty(m, k // BLOCK, dtype=torch.uint8, device=x.device)
     if m:
         br, bc = 4, 256
@@ -63,15 +63,15 @@ def quantize_mxfp8(x: torch.Tensor, *, fmt: str = "fn") -> tuple[torch.Tensor, t
             s.stride(0),
             BR=br,
             BC=bc,
-            **_consts(fmt),
+            **_consts(fp8_format),
             num_warps=4,
         )
     return q, s
 
 
-def quantize_mxfp8_reference(x: torch.Tensor, *, fmt: str = "fn") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_mxfp8_reference(x: torch.Tensor, *, fp8_format: str = "fn") -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch quantize_mxfp8: the same bytes, by frexp and torch's nearest-even FP8 cast."""
-    dtype, _, max_exp, max_mant = FP8_FORMATS[fmt]
+    dtype, _, max_exp, max_mant = FP8_FORMATS[fp8_format]
     fp8_max = (1.0 + max_mant / 2**23) * 2.0**max_exp
     m, k = x.shape
     g = x.double().reshape(m, k // BLOCK, BLOCK)
@@ -85,8 +85,9 @@ def quantize_mxfp8_reference(x: torch.Tensor, *, fmt: str = "fn") -> tuple[torch
     return q.reshape(m, k), byte.to(torch.uint8)
 
 
-def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str | None = None):
-    """GEMM1 output [M, 2I] BF16 -> BF16 [M, I], or with quantize="fn"/"fnuz" (FP8 [M, I], scales [M, I/32]).
+def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), fp8_format: str | None = None):
+    """GEMM1 output [M, 2I] BF16 -> BF16 [M, I], or quantized with fp8_format="fn"/"fnuz" (FP8 [M, I], scales
+    [M, I/32]).
     x may also be split-K partials, fp32 [S, M, 2I]: summed, rounded to BF16, then as above."""
     split = x.shape[0] if x.dim() == 3 else 1
     assert (x.dim() == 2 and x.dtype == torch.bfloat16) or (x.dim() == 3 and x.dtype == torch.float32), (
@@ -95,8 +96,8 @@ def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str |
     )
     assert x.shape[-1] % (2 * BLOCK) == 0 and x.stride(-1) == 1, (x.shape, x.stride())
     m, i = x.shape[-2], x.shape[-1] // 2
-    if quantize:
-        out = torch.empty(m, i, dtype=FP8_FORMATS[quantize][0], device=x.device)
+    if fp8_format:
+        out = torch.empty(m, i, dtype=FP8_FORMATS[fp8_format][0], device=x.device)
         s = torch.empty(m, i // BLOCK, dtype=torch.uint8, device=x.device)
     else:
         out, s = torch.empty(m, i, dtype=torch.bfloat16, device=x.device), None
@@ -105,29 +106,29 @@ def swiglu_oai(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str |
         grid = (triton_cdiv(m, br), triton_cdiv(i, bc))
         _swiglu_kernel[grid](
             x,
-            out.view(torch.uint8) if quantize else out,
-            s if quantize else out,
+            out.view(torch.uint8) if fp8_format else out,
+            s if fp8_format else out,
             m,
             i,
             x.stride(0) if split > 1 else 0,
             x.stride(-2),
             out.stride(0),
-            s.stride(0) if quantize else 0,
+            s.stride(0) if fp8_format else 0,
             act.alpha,
             act.beta,
             act.limit,
             BR=br,
             BC=bc,
-            QUANT=bool(quantize),
+            QUANT=bool(fp8_format),
             INTERP=x.device.type == "cpu",
             SPLIT=split,
-            **_consts(quantize or "fn"),
+            **_consts(fp8_format or "fn"),
             num_warps=4,
         )
-    return (out, s) if quantize else out
+    return (out, s) if fp8_format else out
 
 
-def swiglu_oai_reference(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quantize: str | None = None):
+def swiglu_oai_reference(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), fp8_format: str | None = None):
     """Pure-torch swiglu_oai, in fp32, rounded once to BF16 (then quantize_mxfp8_reference); fp32 split-K
     partials [S, M, 2I] are summed and rounded to BF16 first."""
     if x.dim() == 3:
@@ -136,7 +137,7 @@ def swiglu_oai_reference(x: torch.Tensor, *, act: SwigluOAI = SwigluOAI(), quant
     gate = g.clamp(max=act.limit)
     up = u.clamp(-act.limit, act.limit)
     y = (gate * torch.sigmoid(act.alpha * gate) * (up + act.beta)).to(torch.bfloat16)
-    return quantize_mxfp8_reference(y, fmt=quantize) if quantize else y
+    return quantize_mxfp8_reference(y, fp8_format=fp8_format) if fp8_format else y
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -209,8 +209,8 @@ class MoELayer:
             w13, w2 = w.w13_bf16.float(), w.w2_bf16.float()
         else:
             w13, w2 = dequantized_weights(w.w13, w.w13_scale), dequantized_weights(w.w2, w.w2_scale)
-        quantize = kcfg.fp8_format(self.device) if path == "w8a8" else None
+        fp8_format = kcfg.fp8_format(self.device) if path == "w8a8" else None
         out = moe_experts_reference(
-            hidden, topk_weights, ids, w13=w13, w2=w2, activation=self.activation, quantize=quantize
+            hidden, topk_weights, ids, w13=w13, w2=w2, activation=self.activation, fp8_format=fp8_format
         )
         return out.to(torch.bfloat16)

@@ -36,7 +36,7 @@ def check_all(x, w, ids, fp8, wf, fmt=None):
     assert rel_err(out, ref) < 1e-2
     q = fmt or fp8_format(x.device)
     out = moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a8", fp8_format=fmt)
-    assert rel_err(out, moe_experts_reference(x, w, ids, **wf, quantize=q)) < 2e-2  # rare FP8 rounding flips
+    assert rel_err(out, moe_experts_reference(x, w, ids, **wf, fp8_format=q)) < 2e-2  # rare FP8 rounding flips
     # MXFP8 activations against none: about 0.10 measured at TP8 shapes (two quantized GEMM inputs;
     # SwiGLU outputs are heavy-tailed, so small values in a block lose most); a sanity bound only
     assert rel_err(out, ref) < 0.15
@@ -58,7 +58,7 @@ def test_forward_split_k(mode, device, gen):
     split = MoeConfig(16, GemmTile(32, 64, 4, 1, split_k=3), GemmTile(32, 64, 4, 1))
     out = moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=split)
     q = fp8_format(x.device) if mode == "w8a8" else None
-    assert rel_err(out, moe_experts_reference(x, w, ids, **wf, quantize=q)) < (1e-2 if mode == "w8a16" else 2e-2)
+    assert rel_err(out, moe_experts_reference(x, w, ids, **wf, fp8_format=q)) < (1e-2 if mode == "w8a16" else 2e-2)
     plain = moe_experts_mxfp8(x, w, ids, **fp8, mode=mode, config=MoeConfig(16, GemmTile(32, 64, 4, 1), split.gemm2))
     assert rel_err(out, plain) < 1e-2  # the same up to fp32 summation order (one BF16 step at most)
 
@@ -69,7 +69,7 @@ def test_forward_decode_variants(mode, device, gen):
     x, w, ids, fp8, wf = make(3, 4, 8, 192, 64, gen, device)
     conf = MoeConfig(16, GemmTile(32, 64, 4, 1, split_k=2), GemmTile(32, 64, 4, 1, swap_ab=True), direct=True)
     q = fp8_format(x.device) if mode == "w8a8" else None
-    ref = moe_experts_reference(x, w, ids, **wf, quantize=q)
+    ref = moe_experts_reference(x, w, ids, **wf, fp8_format=q)
     if mode == "bf16":
         out = moe_experts_bf16(x, w, ids, w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16(), config=conf)
     else:
@@ -126,7 +126,7 @@ def test_cuda_graph_replay(path, gen):
     x.copy_(torch.randn(t, h, generator=gen).bfloat16())
     graph.replay()
     torch.cuda.synchronize()
-    ref = moe_experts_reference(x, w, ids, **wf, quantize=fp8_format(x.device) if path == "w8a8" else None)
+    ref = moe_experts_reference(x, w, ids, **wf, fp8_format=fp8_format(x.device) if path == "w8a8" else None)
     assert rel_err(out, ref) < 2e-2
 
 
@@ -139,7 +139,7 @@ def test_zero_outside_experts(path, device, gen):
     mask = torch.rand(t, k, generator=gen).to(device) < 0.5
     mask[0] = True  # token 0 has no expert here: its row is zero
     ids_ep = torch.where(mask, foreign[torch.arange(t * k, device=device).view(t, k) % 4], ids)
-    ref = moe_experts_reference(x, w, ids_ep, **wf, quantize=fp8_format(device) if path == "w8a8" else None)
+    ref = moe_experts_reference(x, w, ids_ep, **wf, fp8_format=fp8_format(device) if path == "w8a8" else None)
     if path == "bf16":
         bf = dict(w13_bf16=wf["w13"].bfloat16(), w2_bf16=wf["w2"].bfloat16())
         out = moe_experts_bf16(x, w, ids_ep, **bf, zero_outside_experts=True)

@@ -47,7 +47,7 @@ def run(mode, fmt, tile, t, k, e, n, kdim, gen, device, *, gemm2, block_m=16, sc
         kw["b_scale"] = scales.to(device)
         ref_b = wf
         if mode == "w8a8":
-            aq, s = quantize_mxfp8(a.to(device), fmt=fmt)
+            aq, s = quantize_mxfp8(a.to(device), fp8_format=fmt)
             kw["a_scale"] = s
             a_ref = aq.cpu().float().view(a.shape[0], -1, 32) * torch.exp2(s.cpu().float() - 127).unsqueeze(-1)
             out = moe_gemm(aq, vals.to(device), **kw)

@@ -35,8 +35,8 @@ def edge_rows(k):
 def test_quantize_bit_exact(fmt, m, k, device, gen):
     x = (torch.randn(m, k, generator=gen) * torch.logspace(-8, 8, k, base=2)).bfloat16()
     x = torch.cat([x, edge_rows(k)]) if m else x
-    q, s = quantize_mxfp8(x.to(device), fmt=fmt)
-    rq, rs = quantize_mxfp8_reference(x, fmt=fmt)
+    q, s = quantize_mxfp8(x.to(device), fp8_format=fmt)
+    rq, rs = quantize_mxfp8_reference(x, fp8_format=fmt)
     assert q.dtype == rq.dtype and s.shape == (x.shape[0], k // 32)
     assert torch.equal(s.cpu(), rs)
     assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
@@ -46,7 +46,7 @@ def test_quantize_bit_exact(fmt, m, k, device, gen):
 def test_quantize_fills_top_binade(fmt, gen):
     # the block maximum lands in [FP8_MAX / 2, FP8_MAX] (rounding may reach the lower end); error <= half a step
     x = (torch.randn(16, 256, generator=gen) * 3).bfloat16()
-    q, s = quantize_mxfp8_reference(x, fmt=fmt)
+    q, s = quantize_mxfp8_reference(x, fp8_format=fmt)
     top = 448.0 if fmt == "fn" else 240.0
     qmax = q.float().abs().view(16, 8, 32).amax(-1)
     assert ((qmax >= top / 2) & (qmax <= top)).all()
@@ -71,8 +71,8 @@ def test_swiglu_quantize_fused(fmt, device, gen):
     # the fused kernel quantizes exactly the BF16 values the unfused kernel writes
     x = (torch.randn(19, 2 * 160, generator=gen) * 4).bfloat16().to(device)
     y = swiglu_oai(x)
-    q, s = swiglu_oai(x, quantize=fmt)
-    rq, rs = quantize_mxfp8_reference(y.cpu(), fmt=fmt)
+    q, s = swiglu_oai(x, fp8_format=fmt)
+    rq, rs = quantize_mxfp8_reference(y.cpu(), fp8_format=fmt)
     assert torch.equal(s.cpu(), rs)
     assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
 

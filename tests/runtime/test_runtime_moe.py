@@ -46,7 +46,7 @@ def test_dispatch_branches_vs_source(ckpts, source, native_mode, device):
         assert rel_err(out, ref) < TOL[path], (t, path)
         if path == "w8a8":  # tighter: against the reference that quantizes activations the same way
             w13, w2 = (v.float().to(device) for v in source[DUAL])
-            quant = moe_experts_reference(x, w, ids, w13=w13, w2=w2, quantize=fp8_format(device))
+            quant = moe_experts_reference(x, w, ids, w13=w13, w2=w2, fp8_format=fp8_format(device))
             assert rel_err(out, quant) < 2e-2
 
 
