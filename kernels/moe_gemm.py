@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, k slots, P = T * k pairs, E experts, N out, K in, G = K / 32.
 A is [T, K] (a_div = k: GEMM1 reads each token for each of its slots) or [P, K] (a_div = 1: GEMM2).
-B is [E, N, K]: BF16, or FP8 bytes with E8M0 scales packed [E, G, N] (FORMAT.md).
+B is [E, N, K]: BF16, or FP8 bytes with E8M0 scales packed [E, G, N] (docs/FORMAT.md).
 """
 
 import torch

@@ -4,7 +4,9 @@ Shape legend: E experts, H hidden, I expert intermediate, G = K // 32 scale grou
 """
 
 import re
+from dataclasses import dataclass
 
+from .errors import MxconvertError
 from .layout import BLOCK
 
 FORMAT_VERSION = 1
@@ -49,11 +51,47 @@ def find_quant(config: dict) -> dict:
     return {}
 
 
-def converted_quant(config: dict) -> dict | None:
-    """A converted config.json's quantization_config, or None if it is not this format and version."""
-    quant = find_quant(config)
-    ok = quant.get("quant_method") == QUANT_METHOD and quant.get("format_version") == FORMAT_VERSION
-    return quant if ok else None
+@dataclass(frozen=True)
+class ConvertedQuant:
+    """A converted checkpoint's quantization_config, read once and checked: what every reader of the
+    format (verify, the runtime's loader, the vLLM plugin) asks of it."""
+
+    layers: dict  # expert group prefix -> storage (DUAL, NATIVE_ONLY, BF16_ONLY)
+    dispatch: tuple[int, int]  # (bf16_max_tokens, bf16_min_tokens)
+    activation: dict  # SwiGLU-OAI's {"alpha", "beta", "limit"}
+    source: dict  # the source checkpoint's quantization_config
+
+    @classmethod
+    def read(cls, quant: dict, subject) -> "ConvertedQuant":
+        fix = "Convert the checkpoint with this mxconvert version"
+        method, version = quant.get("quant_method"), quant.get("format_version")
+        if method != QUANT_METHOD or version != FORMAT_VERSION:
+            problem = f"quantization_config is {method!r} format_version {version!r}"
+            raise MxconvertError(subject, f"{problem}, not {QUANT_METHOD!r} {FORMAT_VERSION}", fix)
+        experts = quant.get("experts") if isinstance(quant.get("experts"), dict) else {}
+        layers, dispatch, act = (experts.get(k) for k in ("layers", "dispatch", "activation"))
+        number = lambda v: type(v) in (int, float)  # noqa: E731
+        checks = {
+            "experts.layers": isinstance(layers, dict) and all(v in STORED for v in layers.values()),
+            "experts.dispatch": isinstance(dispatch, dict)
+            and all(type(dispatch.get(k)) is int for k in ("bf16_max_tokens", "bf16_min_tokens")),
+            "experts.activation": isinstance(act, dict) and all(number(act.get(k)) for k in ("alpha", "beta", "limit")),
+            "source_quantization_config": isinstance(quant.get("source_quantization_config"), dict),
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise MxconvertError(subject, f"quantization_config.{key} is missing or malformed", fix)
+        return cls(
+            layers=dict(layers),
+            dispatch=(dispatch["bf16_max_tokens"], dispatch["bf16_min_tokens"]),
+            activation={k: act[k] for k in ("alpha", "beta", "limit")},
+            source=quant["source_quantization_config"],
+        )
+
+
+def read_converted(config: dict, subject) -> ConvertedQuant:
+    """The ConvertedQuant of a converted config.json (its quantization_config at the top or under text_config)."""
+    return ConvertedQuant.read(find_quant(config), subject)
 
 
 def shard_name(index: int, count: int) -> str:

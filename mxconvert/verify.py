@@ -85,10 +85,7 @@ def check_structure(out_dir: Path, names: set[str]) -> dict[str, tuple[Path, dic
             raise MxconvertError(out_dir / required, "is not in the manifest", CONVERT_AGAIN)
     tensors = _check_index(out_dir, names)
     config = read_json(out_dir / "config.json", fix=CONVERT_AGAIN)
-    quant = fmt.converted_quant(config)
-    if quant is None:
-        raise MxconvertError(out_dir / "config.json", "quantization_config is not mxconvert format v1", CONVERT_AGAIN)
-    _check_format(out_dir / "config.json", quant, tensors)
+    _check_format(fmt.read_converted(config, out_dir / "config.json").layers, tensors)
     by_shard: dict[Path, set[str]] = {}
     for name, (shard, _) in tensors.items():
         by_shard.setdefault(shard, set()).add(name)
@@ -127,12 +124,8 @@ def _check_index(out_dir: Path, names: set[str]) -> dict[str, tuple[Path, dict]]
     return tensors
 
 
-def _check_format(config_path: Path, quant: dict, tensors: dict) -> None:
+def _check_format(layers: dict[str, str], tensors: dict) -> None:
     """Each expert group the config lists holds exactly its storage's tensors, dtypes and shapes."""
-    experts = quant.get("experts")
-    layers = experts.get("layers") if isinstance(experts, dict) else None
-    if not isinstance(layers, dict) or not all(v in fmt.STORED for v in layers.values()):
-        raise MxconvertError(config_path, "quantization_config.experts.layers is malformed", CONVERT_AGAIN)
     for prefix, storage in layers.items():
         present = {k for k in fmt.EXPERT_TENSORS if f"{prefix}.{k}" in tensors}
         if present != set(fmt.STORED[storage]):

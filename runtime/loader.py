@@ -37,19 +37,10 @@ class ConvertedCheckpoint:
         self.manifest = load_manifest(self.dir)  # refuses a missing manifest or an unknown format_version
         self.config = self._json("config.json")
         self.text_config = self.config.get("text_config", self.config)
-        quant = fmt.find_quant(self.config)  # at the top, or under text_config where the source had it
-        if fmt.converted_quant(self.config) is None:
-            raise MxconvertError(
-                self.dir / "config.json",
-                f"quantization_config is {quant.get('quant_method')!r} format_version "
-                f"{quant.get('format_version')!r}, not {fmt.QUANT_METHOD!r} {fmt.FORMAT_VERSION}",
-                "Convert the checkpoint with this mxconvert version",
-            )
-        experts = quant["experts"]
-        self.layers: dict[str, str] = dict(experts["layers"])  # expert group prefix -> storage
-        self.dispatch = (experts["dispatch"]["bf16_max_tokens"], experts["dispatch"]["bf16_min_tokens"])
-        act = experts["activation"]
-        self.activation = SwigluOAI(alpha=act["alpha"], beta=act["beta"], limit=act["limit"])
+        quant = fmt.read_converted(self.config, self.dir / "config.json")
+        self.layers: dict[str, str] = quant.layers  # expert group prefix -> storage
+        self.dispatch = quant.dispatch
+        self.activation = SwigluOAI(**quant.activation)
         weight_map = self._json(fmt.INDEX_NAME).get("weight_map")
         if not isinstance(weight_map, dict):
             raise MxconvertError(self.dir / fmt.INDEX_NAME, "weight_map is not a map", "Convert again")

@@ -517,7 +517,11 @@ def test_deeply_nested_json_is_a_clear_error(src, tmp_path, where):
         (INDEX, '{"weight_map": 5}', r"weight_map is not a map"),
         (INDEX, "[]", r"is not a JSON object"),
         ("config.json", "{not json", r"config.json: is not valid JSON"),
-        ("config.json", '{"quantization_config": 1}', r"quantization_config is not mxconvert format v1"),
+        (
+            "config.json",
+            '{"quantization_config": 1}',
+            r"quantization_config is None format_version None, not 'mxconvert' 1",
+        ),
         (MANIFEST, '{"format_version": 1}', r"tool.version is missing or malformed"),
         (MANIFEST, "[" * 5000 + "]" * 5000, r"nested deeper than 64 levels"),
     ],

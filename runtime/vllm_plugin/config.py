@@ -28,19 +28,10 @@ class MxconvertQuantConfig(QuantizationConfig):
 
     def __init__(self, config: dict):
         super().__init__()
-        version = config.get("format_version")
-        if version != fmt.FORMAT_VERSION:
-            raise MxconvertError(
-                "config.json quantization_config",
-                f"format_version {version!r} is not {fmt.FORMAT_VERSION}",
-                "Convert the model again with this mxconvert, or install the mxconvert that wrote it",
-            )
-        experts, source = config["experts"], config["source_quantization_config"]
-        self.layers: dict[str, str] = dict(experts["layers"])
-        self.dispatch = (experts["dispatch"]["bf16_max_tokens"], experts["dispatch"]["bf16_min_tokens"])
-        act = experts["activation"]
-        self.activation = SwigluOAI(alpha=act["alpha"], beta=act["beta"], limit=act["limit"])
-        self.source = get_quantization_config(source["quant_method"]).from_config(source)
+        quant = fmt.ConvertedQuant.read({"quant_method": fmt.QUANT_METHOD, **config}, "config.json")
+        self.layers, self.dispatch = quant.layers, quant.dispatch
+        self.activation = SwigluOAI(**quant.activation)
+        self.source = get_quantization_config(quant.source["quant_method"]).from_config(quant.source)
         self._ignore_unexpected_suffixes = self.source._ignore_unexpected_suffixes
 
     # The model fills packed_modules_mapping in; the source config is the one that reads it.

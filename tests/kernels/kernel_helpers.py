@@ -1,4 +1,4 @@
-"""Shared helpers of the kernel tests (data with the FORMAT.md layouts, routing, error measure)."""
+"""Shared helpers of the kernel tests (data with the docs/FORMAT.md layouts, routing, error measure)."""
 
 import torch
 from measure import rel_err  # noqa: F401 - re-exported for the tests here

@@ -64,7 +64,7 @@ def test_other_vllm_versions_are_refused(fresh_registry, monkeypatch):
 
 def test_unknown_format_version_is_refused(fresh_registry):
     plugin.register()
-    with pytest.raises(MxconvertError, match="format_version 2 is not 1"):
+    with pytest.raises(MxconvertError, match="format_version 2, not 'mxconvert' 1"):
         q.get_quantization_config("mxconvert").from_config({**CONVERTED, "format_version": 2})
 
 
