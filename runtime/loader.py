@@ -19,7 +19,7 @@ from mxconvert.headers import DTYPE_BYTES, TensorInfo, read_header
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.manifest import load_manifest
 from mxconvert.runtime.bands import bands_for
-from mxconvert.runtime.moe import ExpertWeights, MoELayer, bf16_copies, needs_bf16
+from mxconvert.runtime.moe import ExpertWeights, MoELayer, bf16_copies, needs_bf16, runs_native
 from mxconvert.runtime.sharding import ONE_RANK, ExpertSlice, Ranks, expert_slices
 
 TORCH_DTYPE = {"F8_E4M3FNUZ": torch.uint8, "U8": torch.uint8, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -239,7 +239,8 @@ def load_moe_layer(
     lo, hi = bands or bands_for(device, default=ckpt.dispatch)
     storage = ckpt.layers.get(prefix, fmt.DUAL)
     weights = ckpt.load_experts(
-        prefix, device=device, ranks=ranks, native=not ranks.expert_parallel and lo + 1 < hi,
+        prefix, device=device, ranks=ranks,
+        native=runs_native(lo, hi, storage=storage, expert_parallel=ranks.expert_parallel),
         bf16=needs_bf16(lo, hi, storage=storage, expert_parallel=ranks.expert_parallel),
     )  # fmt: skip
     return MoELayer(

@@ -90,6 +90,12 @@ def triton_runs(device: torch.device) -> bool:
     return device.type == "cuda" or interpreted()
 
 
+def runs_native(bf16_max_tokens: int, bf16_min_tokens: int, *, storage: str = fmt.DUAL, expert_parallel=False) -> bool:
+    """Whether some batch size takes a layer's native MXFP8 path: it has FP8 experts, all of them here,
+    and a native band between the BF16 ones. The loader and the vLLM plugin ask it before reading FP8."""
+    return storage != fmt.BF16_ONLY and not expert_parallel and bf16_max_tokens + 1 < bf16_min_tokens
+
+
 def needs_bf16(bf16_max_tokens: int, bf16_min_tokens: int, *, storage: str = fmt.DUAL, expert_parallel=False) -> bool:
     """Whether a layer with these bands keeps BF16 experts: some batch size takes them (or it can run
     nothing else). The loader can ask this before deriving BF16 copies of native_only weights."""
@@ -128,10 +134,8 @@ class MoELayer:
         if self.native_mode not in ("w8a8", "w8a16"):
             raise MxconvertError("MoELayer", f"native_mode {self.native_mode!r}", "use 'w8a8' or 'w8a16'")
         self.expert_parallel = weights.local_experts < weights.num_experts
-        self.native = (
-            weights.storage != fmt.BF16_ONLY
-            and not self.expert_parallel
-            and bf16_max_tokens + 1 < bf16_min_tokens  # some batch size falls between the bands
+        self.native = runs_native(
+            bf16_max_tokens, bf16_min_tokens, storage=weights.storage, expert_parallel=self.expert_parallel
         )
         if self.native and not weights.has_native:
             raise MxconvertError("MoELayer", f"{weights.storage} weights without FP8 copies", "load them (native=True)")

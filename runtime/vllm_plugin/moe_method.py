@@ -13,7 +13,7 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from mxconvert import format as fmt
 from mxconvert.errors import MxconvertError
 from mxconvert.runtime.bands import bands_for
-from mxconvert.runtime.moe import ExpertWeights, MoELayer
+from mxconvert.runtime.moe import ExpertWeights, MoELayer, runs_native
 from mxconvert.runtime.sharding import Ranks, expert_slices
 
 # safetensors dtype of docs/FORMAT.md -> torch dtype of the parameter (bytes kept as they are on disk)
@@ -51,7 +51,7 @@ class MxconvertMoEMethod(FusedMoEMethodBase):
         e_global = extra_weight_attrs.get("global_num_experts", num_experts)
         h, i = hidden_size, intermediate_size_per_partition * par.tp_size
         self.bands = bands_for(torch.get_default_device(), default=self.quant_config.dispatch)
-        native = par.ep_size == 1 and self.bands[0] + 1 < self.bands[1]
+        native = runs_native(*self.bands, storage=self.storage, expert_parallel=self.ranks.expert_parallel)
         # FP8 copies are read only where they run, or where the BF16 copies must be derived from them
         wanted = [
             s for s in fmt.STORED[self.storage] if native or s in fmt.BF16_TENSORS or self.storage == fmt.NATIVE_ONLY
