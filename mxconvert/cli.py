@@ -211,21 +211,21 @@ def convert(**kwargs):
 
     as_json, quiet = kwargs.pop("as_json"), kwargs.pop("quiet")
     with _silenced(quiet):
-        plan = _run(run_convert, **{**kwargs, "progress": kwargs["progress"] and not quiet})
-    out = kwargs["out_dir"]
-    if quiet and plan.report is None:
+        done = _run(run_convert, **{**kwargs, "progress": kwargs["progress"] and not quiet})
+    out, plan = kwargs["out_dir"], done.plan
+    if quiet and done.report is None:
         return
-    if plan.report is not None:
+    if done.report is not None:
         from .dryrun import render
 
-        click.echo(json.dumps(plan.report, indent=2) if as_json else render(plan.report))
-    elif plan.complete:
+        click.echo(json.dumps(done.report, indent=2) if as_json else render(done.report))
+    elif done.complete:
         click.echo(f"Already finished: {out} holds this conversion (same input and options); nothing to do.")
     elif not kwargs["dry_run"]:
         size = f"{plan.output_bytes / 2**30:.2f} GiB"
-        if plan.kept:
-            written = f"{len(plan.shards) - len(plan.kept)} of {_plural(len(plan.shards), 'shard')} ({size} in all)"
-            click.echo(f"Wrote {written} to {out}, kept {len(plan.kept)} finished before; verified.")
+        if done.kept:
+            written = f"{len(plan.shards) - len(done.kept)} of {_plural(len(plan.shards), 'shard')} ({size} in all)"
+            click.echo(f"Wrote {written} to {out}, kept {len(done.kept)} finished before; verified.")
         else:
             click.echo(f"Wrote {_plural(len(plan.shards), 'shard')} ({size}) to {out}; verified.")
 

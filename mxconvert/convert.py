@@ -8,6 +8,7 @@ manifest last -> verify (cheap part).
 import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +31,16 @@ from .writer import safetensors_header
 SMALL_FILES = 4 * 2**20  # disk allowance for config, index, card, manifest and record (each well under it)
 
 
+@dataclass
+class Conversion:
+    """What convert() did: the plan it followed, and how the run went."""
+
+    plan: Plan
+    kept: list[str] = field(default_factory=list)  # shards a --resume found finished and kept
+    complete: bool = False  # --resume found OUT_DIR finished already: nothing was written
+    report: dict | None = None  # --dry-run: what would be read, written and held (dryrun.report)
+
+
 def convert(
     *,
     model_dir: str,
@@ -48,11 +59,12 @@ def convert(
     private: bool = False,
     revision: str | None = None,
     token: str | None = None,
-) -> Plan:
-    """Convert MODEL_DIR (a local directory or a Hub repo id) into OUT_DIR; returns the plan it followed.
+) -> Conversion:
+    """Convert MODEL_DIR (a local directory or a Hub repo id) into OUT_DIR; returns what it did.
 
     resume: go on with an interrupted conversion in OUT_DIR (same input and options), keeping its
-    finished shards; plan.kept names them, plan.complete says OUT_DIR was finished already.
+    finished shards (Conversion.kept; Conversion.complete: OUT_DIR was finished already).
+    dry_run: write nothing; Conversion.report says what would be read, written and held.
     force: replace an earlier conversion in OUT_DIR (only files its manifest or record names).
     push_to_hub: a Hub repo id to upload the verified result to (mxconvert.hub.push), with `private`,
     `revision` (a branch) and `token` as push takes them; the token and repo are checked before converting.
@@ -76,15 +88,15 @@ def convert(
             outdir.check_paths(Path(out_dir), source.dir, source.input_paths())
         plan = make_plan(source, long_context=long_context, bf16=bf16, max_shard_size=shard_bytes)
         if dry_run:  # the plan and its report (dryrun.render prints it); nothing written
-            plan.report = dryrun.report(plan, source, out_dir=Path(out_dir), options=options, from_hub=from_hub)
-            return plan
+            return Conversion(plan, report=dryrun.report(plan, source, out_dir=Path(out_dir), options=options,
+                                                         from_hub=from_hub))  # fmt: skip
         with outdir.locked(Path(out_dir)) as out:
             ident = outdir.identity(
                 options=options, fingerprint=source.fingerprint(), shards={s.name: s.nbytes for s in plan.shards},
                 outputs=output_names(source, plan),
             )  # fmt: skip
             state = outdir.inspect(out, source.dir, force=force, resume=resume, ident=ident, workers=WORKERS)
-            plan.kept, plan.complete = sorted(state.kept), state.complete
+            done = Conversion(plan, kept=sorted(state.kept), complete=state.complete)
             if state.complete:  # --resume on a finished conversion of the same input and options
                 for path in state.doomed:  # a record left by a run killed just after its manifest
                     path.unlink(missing_ok=True)
@@ -99,7 +111,7 @@ def convert(
         source.close()
     if push_to_hub and not dry_run:
         _push_after(Path(out_dir), push_to_hub, private=private, revision=revision, token=token)
-    return plan
+    return done
 
 
 def _push_after(out: Path, repo_id: str, *, private: bool, revision: str | None, token: str | None) -> None:

@@ -63,9 +63,6 @@ class Shard:
 class Plan:
     groups: list[PlannedGroup]
     shards: list[Shard]
-    kept: list[str] = field(default_factory=list)  # shards a --resume found finished and kept
-    complete: bool = False  # --resume found OUT_DIR already finished: nothing was written
-    report: dict | None = None  # --dry-run: what the conversion would read, write and hold (dryrun.report)
 
     @property
     def tensors(self) -> list[OutputTensor]:

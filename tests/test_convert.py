@@ -275,7 +275,7 @@ def test_dry_run_writes_nothing(source, tmp_path):
     assert not out.exists()
     text = render(plan.report)
     assert "language_model.model.layers.5.block_sparse_moe.experts" in text and "bf16_only" in text
-    assert "estimated peak memory" in text and f"{len(plan.tensors)} tensors" in text
+    assert "estimated peak memory" in text and f"{len(plan.plan.tensors)} tensors" in text
     real = tmp_path / "real"
     convert(model_dir=str(source), out_dir=str(real), long_context=True, progress=False)
     written = sum(p.stat().st_size for p in real.iterdir() if p.name not in ("mxconvert.json", "README.md"))

@@ -485,7 +485,7 @@ def test_zero_size_tensor_at_the_end_of_a_shard(src, tmp_path):
     add_tensor(src, shard, "zzz.empty", "F32", [0, 4], b"")  # sorts last: ends the last output shard
     add_tensor(src, shard, "lm.empty", "BF16", [0], b"")
     out = tmp_path / "out"
-    plan = run(src, out, max_shard_size="1MB")
+    plan = run(src, out, max_shard_size="1MB").plan
     assert plan.shards[-1].tensors[-1].name == "zzz.empty"
     verify(out_dir=out, source=src)
     from safetensors import safe_open
