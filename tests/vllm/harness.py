@@ -41,6 +41,12 @@ def setup_vllm() -> None:
 
     load_general_plugins()
     AutoConfig.register("minimax_m3_text", MiniMaxM3TextConfig, exist_ok=True)
+    try:  # a CUDA wheel on the CPU has no vllm._C: on a CPU with AMX, vLLM would call its packed-GEMM ops
+        import vllm._C  # noqa: F401
+    except ImportError:
+        from vllm.model_executor.layers import utils as layer_utils
+
+        layer_utils.check_cpu_sgl_kernel = lambda *args, **kwargs: False
     cpu = linear._POSSIBLE_MXFP8_KERNELS.setdefault(PlatformEnum.CPU, [])
     if linear.EmulationMxfp8LinearKernel not in cpu:
         cpu.append(linear.EmulationMxfp8LinearKernel)

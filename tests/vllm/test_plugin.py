@@ -58,7 +58,7 @@ def test_env_turns_it_off(fresh_registry, monkeypatch):
 def test_other_vllm_versions_are_refused(fresh_registry, monkeypatch):
     monkeypatch.setattr(plugin, "vllm_version", lambda: "0.32.1")
     plugin.register()
-    with pytest.raises(MxconvertError, match=r"vLLM 0\.32\.1: .*supports vLLM 0\.33\.0 only.*mxconvert\[vllm\]"):
+    with pytest.raises(MxconvertError, match=r"vLLM 0\.32\.1: .*supports vLLM 0\.33\.0 only\. Install vllm==0\.33\.0"):
         q.get_quantization_config("mxconvert").from_config(CONVERTED)
 
 
