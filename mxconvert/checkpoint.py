@@ -26,7 +26,7 @@ SINGLE_NAME = "model.safetensors"
 # without leading zeros, so that no two names mean the same expert.
 EXPERT_NAME = re.compile(
     r"^(?P<prefix>.+\.experts)\.(?P<expert>0|[1-9][0-9]*)\."
-    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<kind>weight|weight_scale_inv|weight_scale)$",
+    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<kind>weight|weight_scale_inv|weight_scale)\Z",
     re.ASCII,
 )
 UNDER_EXPERTS = re.compile(r"(^|\.)experts\.")  # a name that must parse as EXPERT_NAME
@@ -34,6 +34,7 @@ PROJECTION = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w
 MXFP8_METHODS = ("mxfp8", "compressed-tensors")
 MXFP8_WEIGHTS = {"num_bits": 8, "type": "float", "group_size": BLOCK}  # compressed-tensors' MXFP8 weights
 CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_local_experts", "num_hidden_layers")
+MAX_SIZE = 2**20  # above any model's width, expert count or depth: a larger value is a corrupt config
 ALIGNED_SIZES = ("hidden_size", "intermediate_size")
 # Files copied unchanged beside the weights (tokenizer, templates, remote code, licence).
 SIDE_FILES = (
@@ -187,6 +188,8 @@ class SourceCheckpoint:
             value = self.text_config.get(key)
             if type(value) is not int or value <= 0:
                 raise MxconvertError(path, f"{where}{key} is {value!r}, not a positive integer", fix)
+            if value > MAX_SIZE:
+                raise MxconvertError(path, f"{where}{key} {value} is larger than any model's ({MAX_SIZE})", fix)
             if key in ALIGNED_SIZES and value % BLOCK:
                 raise MxconvertError(path, f"{where}{key} {value} is not a multiple of {BLOCK} (the MXFP8 block)", fix)
         for key in ("swiglu_alpha", "swiglu_beta", "swiglu_limit"):

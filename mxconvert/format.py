@@ -34,12 +34,12 @@ STORED = {DUAL: NATIVE_TENSORS + BF16_TENSORS, NATIVE_ONLY: NATIVE_TENSORS, BF16
 
 # A decoder layer's experts (the long-context rule applies to these); other groups, e.g. MTP's, do not.
 DECODER_GROUP = re.compile(
-    r"^(?:language_model\.)?model\.layers\.(?P<layer>0|[1-9][0-9]*)\.[A-Za-z_]+\.experts$", re.ASCII
+    r"^(?:language_model\.)?model\.layers\.(?P<layer>0|[1-9][0-9]*)\.[A-Za-z_]+\.experts\Z", re.ASCII
 )
 
 
 # A tensor the converter generates: <prefix>.experts.<one of EXPERT_TENSORS>
-CONVERTED_NAME = re.compile(rf"^(?P<prefix>.+\.experts)\.(?:{'|'.join(EXPERT_TENSORS)})$")
+CONVERTED_NAME = re.compile(rf"^(?P<prefix>.+\.experts)\.(?:{'|'.join(EXPERT_TENSORS)})\Z")
 
 
 def find_quant(config: dict) -> dict:

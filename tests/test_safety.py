@@ -307,6 +307,20 @@ def test_expert_index_aliases_are_refused(src, tmp_path, alias):
     refused(r"lies under `experts.` but is not a routed expert tensor", run, src, tmp_path / "out")
 
 
+def test_a_name_with_a_trailing_newline_is_not_an_expert_tensor(src, tmp_path):
+    name = f"{EXPERTS4}.1.w1.weight"  # `$` would match before the newline and take it for expert 1's w1
+    rename_tensor(src, name, name + "\n")
+    message = refused(r"w1\.weight\\n: lies under `experts.` but is not a routed expert tensor", run, src,
+                      tmp_path / "out")  # fmt: skip
+    assert "\n" not in message  # escaped: one line
+
+
+@pytest.mark.parametrize("layers", [2**31, 2**63, 10**30])
+def test_an_absurd_layer_count_is_refused_at_once(src, tmp_path, layers):
+    edit_json(src / "config.json", lambda c: c["text_config"].update(num_hidden_layers=layers))
+    refused(rf"text_config.num_hidden_layers {layers} is larger than any model's", run, src, tmp_path / "out")
+
+
 def test_two_names_for_one_expert_tensor_are_refused(src, tmp_path):
     name = f"{EXPERTS4}.3.w1.weight"
     shard = shard_of(src, name)

@@ -19,7 +19,7 @@ from mxconvert.kernels.quant import SwigluOAI
 
 # P.<suffix> (checkpoint) -> P.routed_experts.<suffix> (vLLM's RoutedExperts under the MoE runner)
 _SUFFIXES = "|".join(sorted(fmt.EXPERT_TENSORS, key=len, reverse=True))
-EXPERT_NAME = re.compile(rf"\.experts\.({_SUFFIXES})$")
+EXPERT_NAME = re.compile(rf"\.experts\.({_SUFFIXES})\Z")
 ROUTED = r".experts.routed_experts.\1"
 
 
