@@ -250,8 +250,8 @@ def _refuse_foreign(out: Path, present: list[str], ours: set[str], option: str) 
 def load_record(out: Path) -> dict:
     """The in-progress record, checked field by field (a hand-edited one gets an error, not a crash)."""
     path = out / RECORD_NAME
-    record = read_json(path, fix="Pass --force to start over")
-    fix = "Pass --force to start over (the record was edited or is not mxconvert's)"
+    fix = "It was edited or is not mxconvert's: delete that OUT_DIR yourself if it holds nothing else of yours"
+    record = read_json(path, fix=fix)
 
     def need(ok: bool, what: str):
         if not ok:
