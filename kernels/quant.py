@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mxconvert import format as fmt
 from mxconvert.kernels._quant import _quantize_kernel, _swiglu_kernel
 from mxconvert.layout import BLOCK
 
@@ -32,9 +33,9 @@ FP8_FORMATS = {
 class SwigluOAI:
     """MiniMax-M3's activation (config.json swiglu_alpha / swiglu_beta / swiglu_limit)."""
 
-    alpha: float = 1.702
-    beta: float = 1.0
-    limit: float = 7.0
+    alpha: float = fmt.ACTIVATION["alpha"]
+    beta: float = fmt.ACTIVATION["beta"]
+    limit: float = fmt.ACTIVATION["limit"]
 
 
 def _consts(fp8_format):

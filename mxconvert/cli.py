@@ -12,6 +12,7 @@ import click
 from click.shell_completion import CompletionItem
 
 from . import __version__
+from . import format as fmt
 from .errors import MxconvertError, OptionError
 
 EXAMPLES = """
@@ -181,8 +182,8 @@ def main():
 )
 @_choice("--bf16", ["materialize", "derive"], "materialize",
          "materialize: store exact BF16 copies; derive: FP8 only, the runtime dequantizes at load.")  # fmt: skip
-@_tokens("--bf16-max-tokens", 0, 8, "Batches of at most this many tokens run on the BF16 experts.")
-@_tokens("--bf16-min-tokens", 1, 1024, "Batches of at least this many tokens run on the BF16 experts.")
+@_tokens("--bf16-max-tokens", 0, fmt.DISPATCH[0], "Batches of at most this many tokens run on the BF16 experts.")
+@_tokens("--bf16-min-tokens", 1, fmt.DISPATCH[1], "Batches of at least this many tokens run on the BF16 experts.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 2GiB).")
 @click.option(
     "--dry-run", is_flag=True, help="Report the bytes in and out, the disks, peak memory and time; write nothing."

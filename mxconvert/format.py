@@ -18,6 +18,10 @@ RECORD_NAME = "mxconvert.partial.json"  # an unfinished run's record (--resume)
 LOCK_NAME = ".mxconvert.lock"  # held while a run writes OUT_DIR; never part of the output
 DUAL, BF16_ONLY, NATIVE_ONLY = "dual", "bf16_only", "native_only"
 LONG_CONTEXT_EVERY = 5  # --long-context: MoE layers with index % 5 == 0 keep BF16 only
+PRODUCER = "mxconvert"  # the tool named in the manifest, the record and quantization_config.producer
+DISPATCH = (8, 1024)  # default bf16_max_tokens, bf16_min_tokens: BF16 at or below the first, at or above the second
+ACTIVATION = {"alpha": 1.702, "beta": 1.0, "limit": 7.0}  # SwiGLU-OAI where config.json gives no swiglu_*
+STACKS = (("w13", ("gate", "up")), ("w2", ("down",)))  # the experts' stacked tensors: w13 rows are gate, then up
 
 # Output tensors of one expert group P: suffix -> (safetensors dtype, shape from (E, H, I)).
 EXPERT_TENSORS = {
@@ -115,5 +119,5 @@ def quantization_config(
             "dispatch": {"bf16_max_tokens": bf16_max_tokens, "bf16_min_tokens": bf16_min_tokens},
             "activation": {"kind": "swigluoai", **activation},
         },
-        "producer": {"name": "mxconvert", "version": version},
+        "producer": {"name": PRODUCER, "version": version},
     }

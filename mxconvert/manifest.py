@@ -17,7 +17,7 @@ def write_manifest(out_dir: Path, *, options: dict, fingerprint: list[dict], sou
     source_id is a Hub repo id and revision, or a directory's name: never a local path."""
     manifest = {
         "format_version": fmt.FORMAT_VERSION,
-        "tool": {"name": "mxconvert", "version": __version__},
+        "tool": {"name": fmt.PRODUCER, "version": __version__},
         "options": options,
         "source": {**source_id, "files": fingerprint},
         "files": [{"name": n, "size": (out_dir / n).stat().st_size, "sha256": files[n]} for n in sorted(files)],

@@ -31,7 +31,7 @@ NOT_OURS = "--force replaces only a conversion of mxconvert's; pick another OUT_
 def identity(*, options: dict, fingerprint: list[dict], shards: dict[str, int], outputs: list[str]) -> dict:
     """What a resumed run must share with the interrupted one; `outputs` names every file it writes."""
     return {
-        "tool": {"name": "mxconvert", "version": __version__},
+        "tool": {"name": fmt.PRODUCER, "version": __version__},
         "options": options,
         "source": {"files": fingerprint},
         "shards": shards,

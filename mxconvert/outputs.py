@@ -35,11 +35,7 @@ def _config(source: SourceCheckpoint, plan: Plan, options: dict) -> dict:
     """The source config (as read at the start, once), its quantization_config replaced where it was."""
     config = copy.deepcopy(source.config)
     text = source.text_config
-    activation = {
-        "alpha": text.get("swiglu_alpha", 1.702),
-        "beta": text.get("swiglu_beta", 1.0),
-        "limit": text.get("swiglu_limit", 7.0),
-    }
+    activation = {key: text.get(f"swiglu_{key}", default) for key, default in fmt.ACTIVATION.items()}
     holder = config if "quantization_config" in config else config.get("text_config", config)
     holder["quantization_config"] = fmt.quantization_config(
         source=source.quant_config,

@@ -26,7 +26,7 @@ from .headers import TensorInfo
 from .plan import COPY_CHUNK, PROJECTIONS, Plan, PlannedGroup, Shard
 from .writer import ShardSet, ShardWriter
 
-STACKS = (("w13", ("gate", "up")), ("w2", ("down",)))  # w13 rows: gate then up
+STACKS = fmt.STACKS
 BF16_ROWS = 256  # rows per BF16 conversion step: keeps the temporaries in cache
 WORKERS = max(1, min(4, os.cpu_count() or 1))  # expert threads
 _scratch = threading.local()
