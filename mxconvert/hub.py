@@ -6,9 +6,10 @@ huggingface_hub does not send LFS/xet bytes that the Hub already stores.
 """
 
 import hashlib
+import json
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from . import format as fmt
@@ -157,8 +158,12 @@ def _push(
     if branch is not None and branch != "main" and not branch.startswith("refs/"):
         api.create_branch(repo_id, branch=branch, exist_ok=True)
     target = branch or "main"  # a new pull request starts from main
+    overrides = card_for_repo(out_dir, repo_id)  # the card names the repo; the manifest follows it
+    files = files | {name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in overrides.items()}
     remote = _remote_files(api, repo_id, target, sorted(files))
-    missing = sorted(n for n, (size, sha) in files.items() if not _same(out_dir / n, size, sha, remote.get(n)))
+    missing = sorted(
+        n for n, (size, sha) in files.items() if not _same(overrides.get(n, out_dir / n), size, sha, remote.get(n))
+    )
     _report_strays(api, out_dir, repo_id, target, files)
     if not missing:
         _say(f"Nothing to upload: all {len(files)} files are already on {repo_id} at {target} with the same sha256.")
@@ -173,29 +178,66 @@ def _push(
     _say(f"Uploading {len(missing)} files ({_size(nbytes)}) to {repo_id} at {where}.")
     pr_url = None
     body = [name for name in missing if name != fmt.MANIFEST_NAME]
-    if body:
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=out_dir,
-            allow_patterns=[_literal(n) for n in body],
-            revision=branch,
-            create_pr=create_pr,
-            commit_message=message,
-        )
-        if create_pr:  # the manifest follows into the same pull request
-            branch, create_pr, pr_url = info.pr_revision, False, info.pr_url
+    # the card first: the Hub checks its metadata, and a refusal then stops the push before any shard is sent
+    for part, names in (
+        (" (card)", [n for n in body if n in overrides]),
+        ("", [n for n in body if n not in overrides]),
+    ):
+        if names:
+            info = _upload(api, repo_id, out_dir, names, overrides, branch, create_pr, message + part)
+            if create_pr:  # what follows goes into the same pull request
+                branch, create_pr, pr_url = info.pr_revision, False, info.pr_url
     if fmt.MANIFEST_NAME in missing:  # last: without it the repo is visibly not a finished conversion
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=out_dir,
-            allow_patterns=[fmt.MANIFEST_NAME],
-            revision=branch,
-            create_pr=create_pr,
-            commit_message=f"{message} (manifest)",
+        info = _upload(
+            api, repo_id, out_dir, [fmt.MANIFEST_NAME], overrides, branch, create_pr, f"{message} (manifest)"
         )
     url = pr_url or info.pr_url or info.commit_url
     _say(f"Pushed {len(missing)} files: {url}")
     return url
+
+
+def _upload(api: HfApi, repo_id: str, out_dir: Path, names: list[str], overrides: dict, branch, create_pr, message):
+    """One commit of these files: from OUT_DIR, or from memory where the push rewrites them (card, manifest)."""
+    if not any(n in overrides for n in names):
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=out_dir, allow_patterns=[_literal(n) for n in names], revision=branch,
+            create_pr=create_pr, commit_message=message,
+        )  # fmt: skip
+    operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=overrides.get(n, str(out_dir / n))) for n in names]
+    return api.create_commit(
+        repo_id=repo_id, operations=operations, revision=branch, create_pr=create_pr, commit_message=message
+    )
+
+
+def card_for_repo(out_dir: Path, repo_id: str) -> dict[str, bytes]:
+    """The card rendered for the repo it is pushed to, and the manifest that names it: {} when OUT_DIR's
+    card already names that repo. OUT_DIR itself is left as the converter wrote it."""
+    from huggingface_hub import ModelCard
+
+    from .card import project_url, render_card
+
+    manifest = json.loads((out_dir / fmt.MANIFEST_NAME).read_bytes())
+    card_path, source = out_dir / fmt.CARD_NAME, manifest["source"]
+    card = card_path.read_bytes()
+    text = render_card(
+        quant=fmt.find_quant(json.loads((out_dir / "config.json").read_bytes())),
+        source=source.get("repo_id") or source.get("name", ""),
+        source_repo_id=source.get("repo_id"),
+        source_revision=source.get("revision"),
+        source_card=card,  # it carries the source's licence fields, as the converter copied them
+        options=manifest["options"],
+        version=manifest["tool"]["version"],
+        repo_id=repo_id,
+        source_files=source["files"],
+        project_url=project_url(),
+    )
+    data = str(ModelCard(text)).encode("utf-8")
+    if data == card:
+        return {}
+    for entry in manifest["files"]:
+        if entry["name"] == fmt.CARD_NAME:
+            entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return {fmt.CARD_NAME: data, fmt.MANIFEST_NAME: (json.dumps(manifest, indent=2) + "\n").encode()}
 
 
 def _report_strays(api: HfApi, out_dir: Path, repo_id: str, target: str, files: dict) -> None:
@@ -232,22 +274,19 @@ def _remote_files(api: HfApi, repo_id: str, revision: str, paths: list[str]) -> 
     return found
 
 
-def _same(path: Path, size: int, sha256: str, remote) -> bool:
+def _same(local: Path | bytes, size: int, sha256: str, remote) -> bool:
     """The remote file is this one: its LFS sha256 equals the manifest's, or its git blob id equals ours."""
     if remote is None or remote.size != size:
         return False
     if remote.lfs is not None:
         return remote.lfs.sha256 == sha256
     # A regular git file is small; a big one without LFS info is left to upload_folder, which skips it if unchanged.
-    return size <= REGULAR_FILE_MAX and remote.blob_id == git_blob_id(path)
+    return size <= REGULAR_FILE_MAX and remote.blob_id == git_blob_id(local)
 
 
-def git_blob_id(path: Path) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def git_blob_id(local: Path | bytes) -> str:
+    data = local if isinstance(local, bytes) else local.read_bytes()  # a regular git file: small
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _literal(name: str) -> str:

@@ -18,6 +18,7 @@ from mxconvert.cli import main
 from mxconvert.convert import convert
 from mxconvert.errors import MxconvertError
 from mxconvert.hub import check_file_sizes, push
+from mxconvert.verify import verify
 
 REPO = "alice/tiny-mi300x"
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,14 @@ def _local(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
 
 
+def _pushed(out: Path, repo: str = REPO) -> dict[str, bytes]:
+    """What a push of OUT_DIR to `repo` leaves there: every file as it is, but the card naming the repo and
+    the manifest naming that card."""
+    from mxconvert.hub import card_for_repo
+
+    return _local(out) | card_for_repo(out, repo)
+
+
 def _lfs_names(out: Path) -> list[str]:
     return [p.name for p in out.iterdir() if p.suffix == ".safetensors"]
 
@@ -49,7 +58,8 @@ def test_push_uploads_every_file_and_the_manifest_last(converted, hub, capsys):
     url = push(out_dir=converted, repo_id=REPO)
     remote = hub.files(REPO)
     assert remote.pop(".gitattributes")
-    assert remote == _local(converted)  # every file, byte for byte
+    assert remote == _pushed(converted)  # every file, byte for byte (the card names the repo)
+    assert REPO.encode() in remote["README.md"] and remote["README.md"] != (converted / "README.md").read_bytes()
     repo = hub.repos[REPO]
     assert repo["owner"] == "alice" and not repo["private"]
     assert url == f"{hub.endpoint}/{REPO}/commit/{repo['branches']['main']}"
@@ -74,7 +84,7 @@ def test_rerun_uploads_nothing(converted, hub, capsys):
 
 def test_resume_uploads_only_what_is_missing(converted, hub, capsys):
     """An earlier push left half the shards and a stale config: those shards are skipped, the rest sent."""
-    local = _local(converted)
+    local = _pushed(converted)
     shards = sorted(_lfs_names(converted))
     kept = shards[: len(shards) // 2]
     hub.add_repo(REPO, owner="alice")
@@ -90,31 +100,33 @@ def test_resume_uploads_only_what_is_missing(converted, hub, capsys):
 
 
 def test_failed_commit_then_rerun_completes_without_resending(converted, hub):
+    hub.add_repo(REPO, owner="alice")
+    hub.put_files(REPO, {"README.md": _pushed(converted)["README.md"]})  # the card is there: the shards commit first
     hub.fail("POST", r"/commit/main$", 500)
     with pytest.raises(MxconvertError) as err:
         push(out_dir=converted, repo_id=REPO)
     message = str(err.value)
     assert "\n" not in message and "500" in message and "run the same command again" in message
-    assert set(hub.files(REPO)) == {".gitattributes"}  # nothing committed
+    assert set(hub.files(REPO)) == {".gitattributes", "README.md"}  # nothing more committed
     sent = hub.count("PUT", "^/lfs/")
     assert sent == len(_lfs_names(converted))
     push(out_dir=converted, repo_id=REPO)
     assert hub.count("PUT", "^/lfs/") == sent  # the stored LFS bytes were not sent again
-    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(converted)
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _pushed(converted)
 
 
 def test_failed_lfs_upload_is_retried(converted, hub):
     hub.fail("PUT", r"^/lfs/", 500)
     push(out_dir=converted, repo_id=REPO)
     assert hub.count("PUT", "^/lfs/") == len(_lfs_names(converted)) + 1
-    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(converted)
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _pushed(converted)
 
 
 def test_revision_branch_created_and_resumed(converted, hub, capsys):
     url = push(out_dir=converted, repo_id=REPO, revision="mi300x-v1", commit_message="MI300X build")
     repo = hub.repos[REPO]
     assert set(hub.files(REPO, "main")) == {".gitattributes"}
-    assert {k: v for k, v in hub.files(REPO, "mi300x-v1").items() if k != ".gitattributes"} == _local(converted)
+    assert {k: v for k, v in hub.files(REPO, "mi300x-v1").items() if k != ".gitattributes"} == _pushed(converted)
     assert repo["commits"][repo["branches"]["mi300x-v1"]]["message"] == "MI300X build (manifest)"
     assert url.endswith(repo["branches"]["mi300x-v1"])
     assert push(out_dir=converted, repo_id=REPO, revision="mi300x-v1") == f"{hub.endpoint}/{REPO}/tree/mi300x-v1"
@@ -124,7 +136,9 @@ def test_revision_branch_created_and_resumed(converted, hub, capsys):
 def test_a_bare_name_goes_to_the_token_owner(converted, hub):
     url = push(out_dir=converted, repo_id="solo")
     assert url.startswith(f"{hub.endpoint}/alice/solo/commit/")
-    assert {k: v for k, v in hub.files("alice/solo").items() if k != ".gitattributes"} == _local(converted)
+    assert {k: v for k, v in hub.files("alice/solo").items() if k != ".gitattributes"} == _pushed(
+        converted, "alice/solo"
+    )
 
 
 def test_create_pr_puts_everything_in_one_pull_request(converted, hub):
@@ -132,7 +146,7 @@ def test_create_pr_puts_everything_in_one_pull_request(converted, hub):
     assert url == f"{hub.endpoint}/{REPO}/discussions/1"
     assert set(hub.files(REPO, "main")) == {".gitattributes"}
     assert set(hub.repos[REPO]["branches"]) == {"main", "refs/pr/1"}  # the manifest followed into the same PR
-    assert {k: v for k, v in hub.files(REPO, "refs/pr/1").items() if k != ".gitattributes"} == _local(converted)
+    assert {k: v for k, v in hub.files(REPO, "refs/pr/1").items() if k != ".gitattributes"} == _pushed(converted)
 
 
 def test_create_pr_with_a_revision_is_refused_before_any_request(converted, hub):
@@ -286,7 +300,7 @@ def test_cli_push_in_a_fresh_process_reads_hf_endpoint(converted, hub, tmp_path)
     )
     assert run.returncode == 0, run.stderr
     assert hub.repos[REPO]["private"]
-    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(converted)
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _pushed(converted)
     again = subprocess.run(
         [sys.executable, "-m", "mxconvert.cli", "push", str(converted), REPO],
         cwd=ROOT,
@@ -302,7 +316,7 @@ def test_convert_with_push_to_hub(hub, tmp_path):
     src, out = make_tiny_checkpoint(tmp_path / "src", mtp=False), tmp_path / "out"
     result = CliRunner().invoke(main, [str(src), str(out), "--bf16", "derive", "--push-to-hub", REPO, "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _local(out)
+    assert {k: v for k, v in hub.files(REPO).items() if k != ".gitattributes"} == _pushed(out)
 
 
 # --push-to-hub: checked before converting; a failed push leaves a finished conversion and the line to resume
@@ -350,3 +364,18 @@ def test_the_card_names_the_repo_it_is_converted_for(hub, tiny, tmp_path):
     convert(model_dir=str(tiny), out_dir=str(out), progress=False, push_to_hub="mine")  # a bare name: alice's
     card = hub.files("alice/mine")["README.md"].decode()
     assert "hf download alice/mine --local-dir mine" in card  # converted for that repo: named, no placeholder
+
+
+def test_the_pushed_card_names_the_repo_and_a_download_verifies(converted, hub, tmp_path):
+    before = _local(converted)
+    push(out_dir=converted, repo_id=REPO)
+    assert _local(converted) == before  # OUT_DIR stays as the converter wrote it
+    download = tmp_path / "download"
+    download.mkdir()
+    for name, data in hub.files(REPO).items():
+        if name != ".gitattributes":
+            (download / name).write_bytes(data)
+    assert f"hf download {REPO}".encode() in (download / "README.md").read_bytes()
+    verify(out_dir=download)  # the Hub's manifest names the Hub's card
+    push(out_dir=converted, repo_id=REPO)  # and a second push finds everything there
+    assert "README.md" in hub.files(REPO)
