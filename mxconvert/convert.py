@@ -164,13 +164,13 @@ def _write(
         source_card=source.card,
         options=options,
         version=__version__,
-        source_files=source.fingerprint(),
+        source_files=ident["source"]["files"],
         repo_id=repo_id,  # the card names the repo it is pushed to, when converting for one
     )
     hashes[card.name] = sha256_file(card)
     check_files(out, {name: {"size": (out / name).stat().st_size} for name in hashes}, ignore=(outdir.RECORD_NAME,))
     check_structure(out, set(hashes))
-    write_manifest(out, options=options, fingerprint=source.fingerprint(), source_id=source.ident, files=hashes)
+    write_manifest(out, options=options, fingerprint=ident["source"]["files"], source_id=source.ident, files=hashes)
     record.remove()
 
 

@@ -84,9 +84,7 @@ def report(plan: Plan, source: SourceCheckpoint, *, out_dir: Path, options: dict
 
 
 def _disk(what: str, path: Path, needed: int) -> dict:
-    where = path
-    while not where.exists():  # the nearest existing parent: where the directory would be made
-        where = where.parent
+    where = outdir.existing_parent(path)
     free = outdir.free_bytes(where)
     return {"what": what, "path": str(path), "needed_bytes": needed, "free_bytes": free, "fits": free >= needed,
             "device": os.stat(where).st_dev}  # fmt: skip

@@ -113,6 +113,12 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
+def require(ok: bool, subject, field: str, fix: str) -> None:
+    """A field of a JSON file we wrote (manifest, record) that must be there and well-formed."""
+    if not ok:
+        raise MxconvertError(subject, f"{field} is missing or malformed", fix)
+
+
 def real_path(path: Path) -> Path:
     """Where a path really leads, links resolved; a link loop is left for the next stat to report (as an
     OSError naming the file), not raised here (pathlib raises RuntimeError on one)."""

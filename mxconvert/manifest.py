@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import __version__
 from . import format as fmt
-from .errors import MxconvertError, plain_name, read_json
+from .errors import MxconvertError, plain_name, read_json, require
 from .files import write_json_atomic
 
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -43,9 +43,8 @@ def load_manifest(out_dir: Path) -> dict:
             "Use the mxconvert version that wrote it, or convert again",
         )
 
-    def need(ok: bool, what: str):
-        if not ok:
-            raise MxconvertError(path, f"{what} is missing or malformed", fix)
+    def need(ok: bool, field: str):
+        require(ok, path, field, fix)
 
     tool, source, files = manifest.get("tool"), manifest.get("source"), manifest.get("files")
     need(isinstance(tool, dict) and isinstance(tool.get("version"), str), "tool.version")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import format as fmt
-from .errors import MxconvertError, plain_name, read_json, real_path
+from .errors import MxconvertError, plain_name, read_json, real_path, require
 from .files import PARTIAL, sha256_file, write_json_atomic
 from .manifest import load_manifest
 
@@ -253,9 +253,8 @@ def load_record(out: Path) -> dict:
     fix = "It was edited or is not mxconvert's: delete that OUT_DIR yourself if it holds nothing else of yours"
     record = read_json(path, fix=fix)
 
-    def need(ok: bool, what: str):
-        if not ok:
-            raise MxconvertError(path, f"{what} is missing or malformed", fix)
+    def need(ok: bool, field: str):
+        require(ok, path, field, fix)
 
     tool, options, source = record.get("tool"), record.get("options"), record.get("source")
     need(isinstance(tool, dict) and isinstance(tool.get("version"), str), "tool.version")
@@ -321,11 +320,16 @@ def _still_there(out: Path, finished: dict, workers: int) -> dict[str, dict]:
     return {name: f for name, f in present.items() if hashes[name] == f["sha256"]}
 
 
-def free_bytes(path: Path) -> int:
-    """Free bytes on the disk that holds `path` (or its nearest existing parent). Tests patch this."""
+def existing_parent(path: Path) -> Path:
+    """`path`, or its nearest existing parent: where a directory still to be made would go."""
     while not path.exists():
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds `path` (or its nearest existing parent). Tests patch this."""
+    return shutil.disk_usage(existing_parent(path)).free
 
 
 def check_free_space(state: OutDir, needed: int) -> None:
