@@ -60,6 +60,7 @@ def make_full_size_source(
     experts: int = E,
     hidden: int = H,
     intermediate: int = I,
+    edges: bool = True,
 ) -> Path:
     """A seeded MiniMax-M3-shaped source: full-size MoE layers (3 + layers in all; their shared expert is
     intermediate wide, as vLLM builds it), everything else tiny."""
@@ -80,6 +81,7 @@ def make_full_size_source(
         head_dim=128,
         vocab_size=256,
         fp8_values=fp8_values,
+        edges=edges,
     )
 
 

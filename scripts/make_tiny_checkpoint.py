@@ -311,6 +311,7 @@ def make_tiny_checkpoint(
     poison=(),
     fp8_values="uniform",
     demo=False,
+    edges=True,
     **shape,
 ) -> Path:
     """Write the checkpoint into out_dir (created; should be empty) and return its path.
@@ -323,6 +324,8 @@ def make_tiny_checkpoint(
     under `model.` and `lm_head`, no vision tensors; else the VL model (MiniMaxM3SparseForConditionalGeneration).
     demo: Gaussian MXFP8 weights with their own scales and no planted edge bytes (finite forwards);
     else the edge kind the converter's tests check (see the module's docstring).
+    edges: False leaves out the planted edge bytes (benchmarks of the load-time paths: a BF16 copy of
+    scale 253 is inf, which a released checkpoint never holds).
     """
     shape = TinyShape(**shape)  # hidden_size=..., num_experts=..., text_only=...: TinyShape's fields
     num_experts, num_hidden_layers, num_dense_layers = (
@@ -380,7 +383,7 @@ def make_tiny_checkpoint(
         _vision(specs, h)
 
     patches = {}
-    if len(moe_layers) and not demo:
+    if len(moe_layers) and edges and not demo:
         for name, row, col, byte in planted_bytes(naming=naming, scale_suffix=suffix, **vars(shape)):
             patches.setdefault(name, []).append((row, col, byte))
     byte_tensors = {n for n, dt, _ in specs if dt in ("F8_E4M3", "U8")}
