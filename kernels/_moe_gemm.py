@@ -2,8 +2,12 @@
 
 C[p, n] = sum_k A[p // A_DIV, k] * B[e, n, k] (* topk_weight[p]) for every pair p of a BLOCK_M block of
 sorted_ids, e that block's expert. MODE 0: BF16 A and B. MODE 1 (W8A16): BF16 A, FP8 B times its E8M0
-scale dequantized to BF16 in registers. MODE 2 (W8A8): FP8 A and B, one 32-wide FP8 dot per scale
-group, rescaled by sa * sb into the fp32 accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
+scale dequantized to BF16 in registers. MODE 2 (W8A8): FP8 A and B with E8M0 scales per 32 along K, by
+W8A8_DOT: 0 one 32-wide FP8 dot per scale group, rescaled by sa * sb into the fp32 accumulator, the scales
+read in the step; 1 the same with the next step's scale bytes prefetched into registers one step ahead (they
+feed no dot, so Triton's pipeliner leaves them as synchronous loads); 2 both operands dequantized exactly to
+BF16 (A times sa; B times sb by the W8A16 route DEQUANT) and one BF16 dot per step on the loop-carried
+accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
 fills the MMA's M side (wgmma needs 64) when a block holds few tokens. SPLIT_K > 1 (no top-k weights):
 program axis 1 takes one K slice and stores fp32 partials [SPLIT_K, P, N] that the consumer sums, so
 more CTAs stream weights when few blocks exist (decode).
@@ -155,6 +159,31 @@ def _w8a16_tile(
 
 
 @triton.jit
+def _col(x, g: tl.constexpr, G: tl.constexpr):
+    # Column g of x [R, G] (G 1, 2, 4 or 8) by in-register splits, lowest index bit first: no gather.
+    R: tl.constexpr = x.shape[0]
+    y = x
+    if G >= 2:
+        y0, y1 = tl.split(tl.reshape(y, (R, G // 2, 2)))
+        y = _pick(y0, y1, g % 2)
+    if G >= 4:
+        y0, y1 = tl.split(tl.reshape(y, (R, G // 4, 2)))
+        y = _pick(y0, y1, (g // 2) % 2)
+    if G >= 8:
+        y0, y1 = tl.split(tl.reshape(y, (R, G // 8, 2)))
+        y = _pick(y0, y1, (g // 4) % 2)
+    return tl.reshape(y, (R,))
+
+
+@triton.jit
+def _pick(y0, y1, one: tl.constexpr):
+    if one:
+        return y1
+    else:
+        return y0
+
+
+@triton.jit
 def _dot(x, y, acc, UPCAST: tl.constexpr):
     # UPCAST: the Triton interpreter multiplies BF16 dots as integers; fp32 is exact there.
     if UPCAST:
@@ -164,19 +193,36 @@ def _dot(x, y, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _w8a8_scale_bytes(k0, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K, stride_asm, stride_bsg,
+                      BLOCK_K: tl.constexpr):  # fmt: skip
+    # One step's E8M0 bytes: A's [BLOCK_M, G] and B's [BLOCK_N, G] (past K: 127, never used).
+    gg = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    g_ok = gg < K // 32
+    sab = tl.load(as_ptr + rows[:, None] * stride_asm + gg[None, :], mask=row_ok[:, None] & g_ok[None, :], other=127)
+    sbb = tl.load(bs_base + gg[None, :] * stride_bsg + offs_n[:, None], mask=n_ok[:, None] & g_ok[None, :], other=127)
+    return sab, sbb
+
+
+@triton.jit
 def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am, stride_asm, stride_bn,
-            stride_bsg, MODE: tl.constexpr, SCALE_SHIFT: tl.constexpr, SWAP_AB: tl.constexpr, UPCAST: tl.constexpr,
-            EVEN_K: tl.constexpr, DEQUANT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    # One BLOCK_K step of the accumulation (see the module docstring for the modes).
+            stride_bsg, sab, sbb, MODE: tl.constexpr, SCALE_SHIFT: tl.constexpr, SWAP_AB: tl.constexpr,
+            UPCAST: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr, W8A8_DOT: tl.constexpr,
+            BLOCK_K: tl.constexpr):  # fmt: skip
+    # One BLOCK_K step of the accumulation (see the module docstring for the modes); sab / sbb: this step's
+    # prefetched W8A8 scale bytes (W8A8_DOT 1).
     G: tl.constexpr = BLOCK_K // 32
-    if MODE == 2:
+    if MODE == 2 and W8A8_DOT < 2:
         # W8A8: per 32-group FP8 dot, then both scales in fp32 (a scale may not cross groups).
         for g in tl.static_range(G):
             kk = k0 + g * 32 + tl.arange(0, 32)
             k_ok = (kk < K) | EVEN_K
-            grp = tl.minimum(k0 // 32 + g, K // 32 - 1)  # past K: any scale, the values are masked to 0
-            sa = _e8m0(tl.load(as_ptr + rows * stride_asm + grp, mask=row_ok, other=127), 0)
-            sb = _e8m0(tl.load(bs_base + grp * stride_bsg + offs_n, mask=n_ok, other=127), SCALE_SHIFT)
+            if W8A8_DOT == 1:
+                sa = _e8m0(_col(sab, g, G), 0)
+                sb = _e8m0(_col(sbb, g, G), SCALE_SHIFT)
+            else:
+                grp = tl.minimum(k0 // 32 + g, K // 32 - 1)  # past K: any scale, the values are masked to 0
+                sa = _e8m0(tl.load(as_ptr + rows * stride_asm + grp, mask=row_ok, other=127), 0)
+                sb = _e8m0(tl.load(bs_base + grp * stride_bsg + offs_n, mask=n_ok, other=127), SCALE_SHIFT)
             if SWAP_AB:
                 a = tl.load(
                     a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
@@ -204,7 +250,19 @@ def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok,
             b = tl.load(
                 b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
             )
-            if MODE == 1:
+            if MODE == 2:  # W8A8 as BF16: A [K, M] times its scales [G, M], exactly (fp32 route)
+                a = _w8a16_tile(
+                    a,
+                    as_ptr + rows[None, :] * stride_asm + gg[:, None],
+                    row_ok[None, :] & (gg[:, None] < K // 32),
+                    BLOCK_K,
+                    a.shape[1],
+                    0,
+                    0,
+                    UPCAST,
+                    0,
+                )
+            if MODE >= 1:
                 b = _w8a16_tile(
                     b,
                     bs_base + gg[None, :] * stride_bsg + offs_n[:, None],
@@ -224,7 +282,19 @@ def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok,
             b = tl.load(
                 b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
             )
-            if MODE == 1:
+            if MODE == 2:  # W8A8 as BF16: A [M, K] times its scales [M, G], exactly (fp32 route)
+                a = _w8a16_tile(
+                    a,
+                    as_ptr + rows[:, None] * stride_asm + gg[None, :],
+                    row_ok[:, None] & (gg[None, :] < K // 32),
+                    a.shape[0],
+                    BLOCK_K,
+                    0,
+                    0,
+                    UPCAST,
+                    1,
+                )
+            if MODE >= 1:
                 b = _w8a16_tile(
                     b,
                     bs_base + gg[:, None] * stride_bsg + offs_n[None, :],
@@ -292,6 +362,7 @@ def _fused_moe_kernel(
     UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr,
     DEQUANT: tl.constexpr,
+    W8A8_DOT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -345,7 +416,20 @@ def _fused_moe_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am, stride_asm,
-                      stride_bn, stride_bsg, MODE, SCALE_SHIFT, SWAP_AB, UPCAST, EVEN_K, DEQUANT, BLOCK_K)  # fmt: skip
+    if MODE == 2 and W8A8_DOT == 1:  # scale bytes one step ahead, in registers
+        sab, sbb = _w8a8_scale_bytes(k_lo, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K, stride_asm, stride_bsg,
+                                     BLOCK_K)  # fmt: skip
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            sab_next, sbb_next = _w8a8_scale_bytes(k0 + BLOCK_K, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K,
+                                                   stride_asm, stride_bsg, BLOCK_K)  # fmt: skip
+            acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
+                          stride_asm, stride_bn, stride_bsg, sab, sbb, MODE, SCALE_SHIFT, SWAP_AB, UPCAST, EVEN_K,
+                          DEQUANT, W8A8_DOT, BLOCK_K)  # fmt: skip
+            sab = sab_next
+            sbb = sbb_next
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
+                          stride_asm, stride_bn, stride_bsg, 0, 0, MODE, SCALE_SHIFT, SWAP_AB, UPCAST, EVEN_K, DEQUANT,
+                          W8A8_DOT, BLOCK_K)  # fmt: skip
     _store_c(acc, c_ptr, w_ptr, pairs, row_ok, offs_n, n_ok, stride_cm, MUL_WEIGHT, SWAP_AB, UPCAST, SPLIT_K > 1)

@@ -19,7 +19,8 @@ class GemmTile:
     swap_ab: bool = False  # weights as the MMA's left operand: wgmma at few tokens per expert
     group_m: int = 8
     split_k: int = 1  # K slices on separate programs (fp32 partials): more CTAs streaming at decode
-    dequant: str = "auto"  # W8A16 FP8 -> BF16 route: "fp32", "bits", "asm" (moe_gemm.resolve_dequant)
+    dequant: str = "auto"  # FP8 -> BF16 route (W8A16, W8A8 "bf16"): "fp32", "bits", "asm" (moe_gemm.resolve_dequant)
+    w8a8: str = "fp8"  # W8A8 dot: "fp8" / "fp8_prefetch" (FP8 dot per 32-group) or "bf16" (moe_gemm.W8A8_DOT)
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,7 @@ def moe_config(
     if family == "gfx942":
         bm = min(max(_next_pow2(max(1, int(tpe))), 16), 64)
         pairs = tokens * top_k
-        return MoeConfig(
-            bm, _gfx942(pairs, 2 * intermediate, hidden, bm), _gfx942(pairs, hidden, intermediate, bm)
-        )
+        return MoeConfig(bm, _gfx942(pairs, 2 * intermediate, hidden, bm), _gfx942(pairs, hidden, intermediate, bm))
     for limit, bm, t1, t2, *flags in hopper_table(device)[mode]:
         if limit is None or tpe <= limit:
             return MoeConfig(bm, t1, t2, direct=DIRECT in flags)

@@ -16,14 +16,17 @@ from mxconvert.layout import BLOCK, dequantize, unpack_scales
 MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
 # W8A16 dequantization routes (_moe_gemm.py); the NVIDIA ones ("asm_*") need every scale byte <= 143
 DEQUANT = {"fp32": 0, "bits": 1, "asm_f16_1": 2, "asm_f16_pair": 3}
+# W8A8 dot formulations (_moe_gemm.py W8A8_DOT): FP8 dots per 32-group rescaled in fp32 (scales read in the
+# step, or prefetched a step ahead), or both operands dequantized exactly to BF16 and one BF16 dot per step
+W8A8_DOT = {"fp8": 0, "fp8_prefetch": 1, "bf16": 2}
 FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
-
 
 
 def interpreted() -> bool:
     """Whether the kernels were defined under TRITON_INTERPRET=1 (Triton reads it at definition): then they
     run on the CPU."""
     return type(_fused_moe_kernel).__name__ == "InterpretedFunction"
+
 
 def moe_gemm(
     a: torch.Tensor,
@@ -70,7 +73,11 @@ def moe_gemm(
     c = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=a.device)
     if num_pairs == 0:
         return c
-    dequant = resolve_dequant(tile.dequant, a.device, tile.swap_ab) if mode == "w8a16" else "fp32"
+    w8a8 = tile.w8a8 if mode == "w8a8" else "fp8"
+    if w8a8 not in W8A8_DOT:
+        raise MxconvertError("moe_gemm", f"w8a8 {w8a8!r}", f"use one of {sorted(W8A8_DOT)}")
+    converts_b = mode == "w8a16" or w8a8 == "bf16"
+    dequant = resolve_dequant(tile.dequant, a.device, tile.swap_ab) if converts_b else "fp32"
     if mode != "bf16":  # bit-placement dequantization reads the bytes as they are
         b = b.view(torch.uint8) if dequant != "fp32" else b.view(torch.uint8).view(FP8_VIEW[fp8_format])
     if mode == "w8a8":
@@ -112,6 +119,7 @@ def moe_gemm(
         UPCAST=a.device.type == "cpu",
         EVEN_K=k % tile.block_k == 0,
         DEQUANT=DEQUANT[dequant],
+        W8A8_DOT=W8A8_DOT[w8a8],
         SPLIT_K=split,
         DIRECT=align is None,
         BLOCK_M=bm,

@@ -19,6 +19,7 @@ Resident bytes: the expert tensors each path keeps for one layer at the shape (p
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -299,13 +300,19 @@ SPLIT_TILES = [(64, 256, 4, 3), (128, 128, 4, 3), (64, 128, 4, 4)]  # GEMM1 spli
 def sweep_tiles(mode, gemm, bm, t, k, e, swap_only, routes_swap, routes_plain, splits):
     """The candidate tiles of one (mode, GEMM, block_m, T): swap-AB at block_m <= 64 (or always with
     swap_only), plain ones, each W8A16 tile in every route given; split-K for GEMM1 when few blocks exist."""
-    rs = routes_swap if mode == "w8a16" else ["auto"]
-    rp = routes_plain if mode == "w8a16" else ["auto"]
-    tiles = [cfg.GemmTile(*c, swap_ab=True, dequant=r) for c in SWAP for r in rs] if bm <= 64 or swap_only else []
+    rs = routes_swap if mode in ("w8a16", "w8a8") else ["auto"]
+    rp = routes_plain if mode in ("w8a16", "w8a8") else ["auto"]
+
+    def tile(c, r, **kw):  # W8A8 sweeps its dot formulations (moe_gemm.W8A8_DOT), W8A16 its routes
+        if mode == "w8a8":
+            return cfg.GemmTile(*c, w8a8="fp8" if r == "auto" else r, **kw)
+        return cfg.GemmTile(*c, dequant=r, **kw)
+
+    tiles = [tile(c, r, swap_ab=True) for c in SWAP for r in rs] if bm <= 64 or swap_only else []
     if not swap_only:
-        tiles += [cfg.GemmTile(*c, dequant=r) for c in (PLAIN[:2] if bm <= 32 else PLAIN) for r in rp]
+        tiles += [tile(c, r) for c in (PLAIN[:2] if bm <= 32 else PLAIN) for r in rp]
     if gemm == "gemm1" and bm == 16 and t * k <= e:  # at most one block per expert: few CTAs
-        tiles += [cfg.GemmTile(*c, swap_ab=True, dequant=rs[0], split_k=sp) for c in SPLIT_TILES for sp in splits]
+        tiles += [tile(c, rs[0], swap_ab=True, split_k=sp) for c in SPLIT_TILES for sp in splits]
     return tiles
 
 
@@ -404,6 +411,37 @@ def compare_routes(tokens, routes, shape="tp8"):
     return rows
 
 
+def compare_w8a8(tokens, dots, shape="tp8"):
+    """Whole W8A8 forwards per dot formulation (moe_gemm.W8A8_DOT) on two tile sets: the W8A8 table's and the
+    W8A16 table's (its split-K and DIRECT rows included); the W8A16 forward beside them."""
+    e, h, i, k = SHAPES[shape]
+    fp8, _ = make_weights(e, h, i)
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, h, device="cuda").bfloat16()
+        ids, w = routing(t, k, e, t)
+        kw = dict(tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i)
+        row = dict(tokens=t, us={})
+        row["us"]["w8a16"] = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16"))
+        for tiles in ("w8a8", "w8a16"):
+            base = cfg.moe_config(**kw, mode=tiles)
+            for dot in dots:
+                conf = dataclasses.replace(
+                    base,
+                    gemm1=dataclasses.replace(base.gemm1, w8a8=dot),
+                    gemm2=dataclasses.replace(base.gemm2, w8a8=dot),
+                )
+                try:
+                    us = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a8", config=conf))
+                except Exception as exc:
+                    print(f"T={t} {tiles} tiles {dot}: {type(exc).__name__} {str(exc)[:200]}", flush=True)
+                    continue
+                row["us"][f"{dot}@{tiles}"] = us
+        rows.append(row)
+        print(f"W8A8 T={t} " + " ".join(f"{r} {u:.1f}" for r, u in row["us"].items()), flush=True)
+    return rows
+
+
 def forward_check(chosen, shape="tp8"):
     """Whole forwards: each (mode, T)'s swept config beside the shipped table's config (same run)."""
     e, h, i, k = SHAPES[shape]
@@ -478,8 +516,9 @@ def main():
     ap.add_argument("--modes", default="w8a16,w8a8,bf16")
     ap.add_argument("--swap-only", action="store_true")
     ap.add_argument("--compare-routes", default="", help="comma list: W8A16 forwards per dequantization route")
-    ap.add_argument("--routes-swap", default="auto", help="with --sweep: W8A16 routes for swap-AB tiles")
-    ap.add_argument("--routes-plain", default="auto", help="with --sweep: W8A16 routes for plain tiles")
+    ap.add_argument("--compare-w8a8", default="", help="comma list: W8A8 forwards per dot formulation")
+    ap.add_argument("--routes-swap", default="auto", help="with --sweep: W8A16 routes (W8A8: dots) for swap-AB tiles")
+    ap.add_argument("--routes-plain", default="auto", help="with --sweep: W8A16 routes (W8A8: dots) for plain tiles")
     ap.add_argument("--splits", default="2,4", help="with --sweep: GEMM1 split-K factors tried at decode")
     ap.add_argument("--forward", action="store_true", help="with --sweep: whole forwards with the swept configs")
     ap.add_argument(
@@ -507,6 +546,10 @@ def main():
         result["routes"] = compare_routes(tokens, args.compare_routes.split(","), args.shapes.split(",")[0])
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
+    if args.compare_w8a8:
+        result["w8a8"] = compare_w8a8(tokens, args.compare_w8a8.split(","), args.shapes.split(",")[0])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
     if args.sweep:
         rows, chosen = sweep(
             tokens,
@@ -521,7 +564,7 @@ def main():
         result["chosen"] = {f"{m} {t}": repr(c) for (m, t), c in chosen.items()}
         if args.forward:
             result["forward"] = forward_check(chosen, args.shapes.split(",")[0])
-    elif args.compare_routes:
+    elif args.compare_routes or args.compare_w8a8:
         pass
     elif args.hybrid:
         bands = tuple(int(v) for v in args.bands.split(",")) if args.bands else None

@@ -96,6 +96,33 @@ def test_bit_placement_is_exact():
     assert torch.equal(placed[ok], fnuz[ok]) and placed[0x80] == 0
 
 
+W8A8_DOTS = ["fp8", "fp8_prefetch", "bf16"]
+
+
+@pytest.mark.parametrize("dot", W8A8_DOTS)
+@pytest.mark.parametrize("fmt", ["fn", "fnuz"])
+@pytest.mark.parametrize("tile", TILES, ids=["plain", "swap32", "swap64"])
+@pytest.mark.parametrize("gemm2", [False, True], ids=["gemm1", "gemm2"])
+def test_w8a8_dots(dot, fmt, tile, gemm2, device, gen):
+    # every W8A8 formulation is the per-32 math: K 160 = 5 groups over 64/128-wide steps (tail masked)
+    skip_fnuz(fmt)
+    t = GemmTile(tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tile.swap_ab, w8a8=dot)
+    out, ref = run("w8a8", fmt, t, 7, 2, 3, 96, 160, gen, device, gemm2=gemm2)
+    assert rel_err(out, ref) < 5e-3  # BF16 output rounding, fp32 accumulation
+
+
+@pytest.mark.parametrize("dot", W8A8_DOTS)
+@pytest.mark.parametrize("swap", [False, True])
+def test_w8a8_dots_split_direct(dot, swap, device, gen):
+    # split-K slices end mid-K (prefetch reads past a slice) and DIRECT blocks, each formulation
+    tile = GemmTile(32, 64, 4, 1, swap_ab=swap, split_k=3, w8a8=dot)
+    out, ref = run("w8a8", "fn", tile, 5, 2, 3, 64, 320, gen, device, gemm2=False)
+    assert rel_err(out, ref) < 5e-3
+    tile = GemmTile(64, 64, 4, 1, swap_ab=swap, w8a8=dot)
+    out, ref = run("w8a8", "fn", tile, 5, 2, 3, 96, 160, gen, device, gemm2=True, direct=True)
+    assert rel_err(out, ref) < 5e-3
+
+
 @pytest.mark.parametrize("mode", ["w8a16", "w8a8", "bf16"])
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("gemm2", [False, True], ids=["gemm1", "gemm2"])
@@ -122,17 +149,17 @@ def test_split_k(split, mode, swap, device, gen):
 @pytest.mark.parametrize("lo,hi", [(1, 10), (100, 140), (200, 230)], ids=["tiny", "mid", "huge"])
 def test_e8m0_edge_bytes(mode, fmt, dequant, lo, hi, device, gen):
     skip_fnuz(fmt)
-    if mode == "w8a8" and dequant != "fp32":
-        pytest.skip("dequant routes are W8A16's")
     if dequant in MAX_SCALE_BYTE and hi > MAX_SCALE_BYTE[dequant]:
         pytest.skip("the NVIDIA routes decode scale bytes up to 143 (MoELayer routes larger ones to fp32)")
     # scale byte 1 is 2**-126 (byte 0 once "fn" lowers it: decoded as 0, a 2**-127 difference); the bit
     # routes are exact from byte 2 (BF16 subnormal scales below byte 9); 100-140 straddles byte 135,
     # where one BF16 scale could no longer hold 2**(byte - 8) (hence the constant 2**127 first)
+    # W8A8: "fp32" runs the FP8 dots, the other routes W8A8 as BF16 dots with that route for the weights
+    w8a8 = "fp8_prefetch" if dequant == "fp32" else "bf16"
     out, ref = run(
         mode,
         fmt,
-        GemmTile(32, 64, 4, 1, dequant=dequant),
+        GemmTile(32, 64, 4, 1, dequant=dequant, w8a8=w8a8),
         5,
         1,
         2,
