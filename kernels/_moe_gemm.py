@@ -6,8 +6,8 @@ scale dequantized to BF16 in registers. MODE 2 (W8A8): FP8 A and B with E8M0 sca
 W8A8_DOT: 0 one 32-wide FP8 dot per scale group, rescaled by sa * sb into the fp32 accumulator, the scales
 read in the step; 1 the same with the next step's scale bytes prefetched into registers one step ahead (they
 feed no dot, so Triton's pipeliner leaves them as synchronous loads); 2 both operands dequantized exactly to
-BF16 (A times sa; B times sb by the W8A16 route DEQUANT) and one BF16 dot per step on the loop-carried
-accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
+BF16 (A times sa, its bytes prefetched as in 1; B times sb by the W8A16 route DEQUANT) and one BF16 dot per
+step on the loop-carried accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
 fills the MMA's M side (wgmma needs 64) when a block holds few tokens. SPLIT_K > 1 (no top-k weights):
 program axis 1 takes one K slice and stores fp32 partials [SPLIT_K, P, N] that the consumer sums, so
 more CTAs stream weights when few blocks exist (decode).
@@ -139,6 +139,13 @@ def _w8a16_tile(
     # A weight tile (FP8 view, or uint8 bytes when DEQUANT > 0) times its E8M0 scales -> BF16 [ROWS, COLS].
     # SCALE_AXIS 1: tile [N, K], scales [N, G]; 0: tile [K, N], scales [G, N].
     byte = tl.load(bs_ptrs, mask=bs_mask, other=127)
+    return _scaled_tile(b, byte, ROWS, COLS, SCALE_SHIFT, DEQUANT, UPCAST, SCALE_AXIS)
+
+
+@triton.jit
+def _scaled_tile(b, byte, ROWS: tl.constexpr, COLS: tl.constexpr, SCALE_SHIFT: tl.constexpr, DEQUANT: tl.constexpr,
+                 UPCAST: tl.constexpr, SCALE_AXIS: tl.constexpr):  # fmt: skip
+    # _w8a16_tile with the scale bytes already loaded.
     if DEQUANT == 0:
         sc = _e8m0(byte, SCALE_SHIFT)
     else:
@@ -194,12 +201,17 @@ def _dot(x, y, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _w8a8_scale_bytes(k0, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K, stride_asm, stride_bsg,
-                      BLOCK_K: tl.constexpr):  # fmt: skip
-    # One step's E8M0 bytes: A's [BLOCK_M, G] and B's [BLOCK_N, G] (past K: 127, never used).
+                      BLOCK_K: tl.constexpr, WITH_B: tl.constexpr):  # fmt: skip
+    # One step's E8M0 bytes: A's [BLOCK_M, G] and (WITH_B) B's [BLOCK_N, G] (past K: 127, never used).
     gg = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     g_ok = gg < K // 32
     sab = tl.load(as_ptr + rows[:, None] * stride_asm + gg[None, :], mask=row_ok[:, None] & g_ok[None, :], other=127)
-    sbb = tl.load(bs_base + gg[None, :] * stride_bsg + offs_n[:, None], mask=n_ok[:, None] & g_ok[None, :], other=127)
+    if WITH_B:
+        sbb = tl.load(
+            bs_base + gg[None, :] * stride_bsg + offs_n[:, None], mask=n_ok[:, None] & g_ok[None, :], other=127
+        )
+    else:
+        sbb = sab
     return sab, sbb
 
 
@@ -250,11 +262,10 @@ def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok,
             b = tl.load(
                 b_base + offs_n[:, None] * stride_bn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
             )
-            if MODE == 2:  # W8A8 as BF16: A [K, M] times its scales [G, M], exactly (fp32 route)
-                a = _w8a16_tile(
+            if MODE == 2:  # W8A8 as BF16: A [K, M] times its prefetched scales, exactly (fp32 route)
+                a = _scaled_tile(
                     a,
-                    as_ptr + rows[None, :] * stride_asm + gg[:, None],
-                    row_ok[None, :] & (gg[:, None] < K // 32),
+                    tl.trans(sab),
                     BLOCK_K,
                     a.shape[1],
                     0,
@@ -282,11 +293,10 @@ def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok,
             b = tl.load(
                 b_base + offs_n[None, :] * stride_bn + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0
             )
-            if MODE == 2:  # W8A8 as BF16: A [M, K] times its scales [M, G], exactly (fp32 route)
-                a = _w8a16_tile(
+            if MODE == 2:  # W8A8 as BF16: A [M, K] times its prefetched scales, exactly (fp32 route)
+                a = _scaled_tile(
                     a,
-                    as_ptr + rows[:, None] * stride_asm + gg[None, :],
-                    row_ok[:, None] & (gg[None, :] < K // 32),
+                    sab,
                     a.shape[0],
                     BLOCK_K,
                     0,
@@ -416,12 +426,12 @@ def _fused_moe_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if MODE == 2 and W8A8_DOT == 1:  # scale bytes one step ahead, in registers
+    if MODE == 2 and W8A8_DOT >= 1:  # scale bytes one step ahead, in registers (BF16 dots: A's only)
         sab, sbb = _w8a8_scale_bytes(k_lo, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K, stride_asm, stride_bsg,
-                                     BLOCK_K)  # fmt: skip
+                                     BLOCK_K, W8A8_DOT == 1)  # fmt: skip
         for k0 in range(k_lo, k_hi, BLOCK_K):
             sab_next, sbb_next = _w8a8_scale_bytes(k0 + BLOCK_K, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K,
-                                                   stride_asm, stride_bsg, BLOCK_K)  # fmt: skip
+                                                   stride_asm, stride_bsg, BLOCK_K, W8A8_DOT == 1)  # fmt: skip
             acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
                           stride_asm, stride_bn, stride_bsg, sab, sbb, MODE, SCALE_SHIFT, SWAP_AB, UPCAST, EVEN_K,
                           DEQUANT, W8A8_DOT, BLOCK_K)  # fmt: skip
