@@ -24,14 +24,14 @@ VLLM_VERSION = "0.33.0"  # the vLLM the plugin supports (pyproject's `vllm` extr
 
 OPTION_HELP = {
     "long_context": "MoE layers with index % 5 == 0 stored BF16-only, to fit HBM at long context",
-    "bf16": "`materialize` writes exact BF16 copies of the experts; `derive` leaves them to load time",
+    "bf16": "`derive` stores FP8 only (BF16 copies, where used, are dequantized at load); `materialize` stores them",
     "bf16_max_tokens": "batches of at most this many tokens run on the BF16 experts",
     "bf16_min_tokens": "batches of at least this many tokens run on the BF16 experts",
     "max_shard_size": "largest safetensors shard",
 }
 STORAGE_HELP = {
     fmt.DUAL: "FP8 values, packed scales and exact BF16 copies",
-    fmt.NATIVE_ONLY: "FP8 values and packed scales; BF16 copies dequantized at load time, bit-identical",
+    fmt.NATIVE_ONLY: "FP8 values and packed scales; BF16 copies, where a band uses them, made at load (same bits)",
     fmt.BF16_ONLY: "BF16 copies only (the native band runs on BF16 there)",
 }
 
@@ -161,13 +161,21 @@ def _inside(quant: dict) -> str:
         where += [f"`{p}`" for p, m in zip(prefixes, matches) if not m]
         rows.append(f"| `{storage}` | {len(prefixes)}: {'; '.join(where)} | {STORAGE_HELP[storage]} |")
     lo, hi = experts["dispatch"]["bf16_max_tokens"], experts["dispatch"]["bf16_min_tokens"]
+    if fmt.bf16_band_empty(lo, hi):
+        dispatch = """Dispatch: every batch runs on the native MXFP8 kernel; no BF16 band, so no BF16 copy is held
+  in GPU memory (exact weights at the memory of FP8). A BF16 band is opt-in when converting
+  (`--bf16-max-tokens`, `--bf16-min-tokens`)."""
+    else:
+        dispatch = f"""Dispatch band: a batch of T tokens runs on the BF16 experts when T <= {lo} or T >= {hi},
+  and on the native MXFP8 kernel in between (mxconvert's runtime uses the bands it measured for a device
+  where it has them, else these)."""
     act = experts["activation"]
     return f"""## What is inside
 Routed experts, per MoE layer `P = <prefix>.block_sparse_moe.experts`, stacked over the E experts:
 `P.w13_weight` `[E, 2I, H]` (gate rows, then up) and `P.w2_weight` `[E, H, I]` as FP8 E4M3FNUZ, their
 E8M0 scales packed `[E, K/32, N]` (`P.w13_weight_scale`, `P.w2_weight_scale`) so that a kernel tile's
-scales are contiguous, and BF16 copies (`P.w13_weight_bf16`, `P.w2_weight_bf16`, the exact value rounded
-to nearest-even). Each expert group's storage:
+scales are contiguous, and where a group's storage holds them BF16 copies (`P.w13_weight_bf16`,
+`P.w2_weight_bf16`, the exact value rounded to nearest-even). Each expert group's storage:
 
 | storage | expert groups | what is stored |
 |---|---|---|
@@ -175,9 +183,7 @@ to nearest-even). Each expert group's storage:
 
 - FN to FNUZ keeps each value byte (the same byte means half the value in FNUZ), except `0x80` (-0 in FN,
   NaN in FNUZ), which becomes `0x00`; every scale byte gets +1, which doubles the scale back.
-- Dispatch band: a batch of T tokens runs on the BF16 experts when T <= {lo} or T >= {hi}, and on the
-  native MXFP8 kernel in between (mxconvert's runtime uses the bands it measured for a device where it
-  has them, else these).
+- {dispatch}
 - Activation: {act["kind"]} (alpha {act["alpha"]}, beta {act["beta"]}, limit {act["limit"]}).
 - Every other tensor (attention, shared experts, dense MLPs, router, norms, embeddings, vision) is the
   source's, byte for byte. `config.json` records all this in `quantization_config`
@@ -213,10 +219,10 @@ itself through vLLM's plugin entry point; `quant_method: {fmt.QUANT_METHOD}` sel
 vllm serve "$PWD" --tensor-parallel-size 8      # add --enable-expert-parallel for expert parallelism
 ```
 
-On MI300X the experts in the dispatch band run mxconvert's Triton kernels on the FNUZ bytes (W8A8), the
-rest on the BF16 copies; everything else is served by vLLM's own `mxfp8` path. On NVIDIA Hopper the same
-bytes run as E4M3FN with the scale exponent lowered by one (W8A16). `mxconvert.runtime` loads and runs
-the MoE layers without vLLM (`ConvertedCheckpoint`, `load_moe_layer`).
+On MI300X the experts run mxconvert's Triton kernels on the FNUZ bytes (W8A8), and batches in a BF16 band
+(if the conversion set one) on BF16 copies; everything else is served by vLLM's own `mxfp8` path. On
+NVIDIA Hopper the same bytes run as E4M3FN with the scale exponent lowered by one (W8A16).
+`mxconvert.runtime` loads and runs the MoE layers without vLLM (`ConvertedCheckpoint`, `load_moe_layer`).
 """
 
 
@@ -225,7 +231,7 @@ def _tested() -> str:
 - The conversion: `mxconvert verify` checks every file's size and sha256 against `mxconvert.json`, the
   index and the format; `mxconvert verify --source` also compares every tensor with the source, bit for
   bit. mxconvert's tests run both on seeded tiny MiniMax-M3-shaped checkpoints.
-- The kernels: on the CPU under Triton's interpreter and on an NVIDIA H100. No MI300X was available: the
+- The kernels: on the CPU under Triton's interpreter and on NVIDIA H100 and H200 GPUs. No MI300X was available: the
   gfx942 path (FNUZ dot, its tile choices) is checked numerically under the interpreter only.
 - The vLLM plugin: on a CPU machine, through vLLM's own config, loader and model construction (tiny
   MiniMax-M3, text and vision-language, tensor and expert parallel ranks). Not tested: `vllm serve` end

@@ -114,8 +114,30 @@ def _choice(name: str, choices: list[str], default: str, help: str):
     return click.option(name, type=click.Choice(choices), default=default, show_default=True, help=help)
 
 
-def _tokens(name: str, low: int, default: int, help: str):
-    return click.option(name, type=click.IntRange(min=low), default=default, show_default=True, help=help)
+class _TokenCount(click.ParamType):
+    """A token count of at least `low`; with `never`, also 'never' (no batch is that large)."""
+
+    def __init__(self, low: int, *, never: bool):
+        self.low, self.never = low, never
+        self.name = "integer|never" if never else "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        if self.never and str(value).strip().lower() == "never":
+            return fmt.NEVER
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number" + (" or 'never'" if self.never else ""), param, ctx)
+        if n < self.low:
+            self.fail(f"{n} is below {self.low}", param, ctx)
+        return n
+
+
+def _tokens(name: str, low: int, default: int, help: str, *, never: bool = False):
+    shown = "never" if default == fmt.NEVER else default  # click converts it, and shows it as written
+    return click.option(name, type=_TokenCount(low, never=never), default=shown, show_default=True, help=help)
 
 
 def _quiet_option(command):
@@ -180,10 +202,12 @@ def main():
 @click.option(
     "--long-context", is_flag=True, help="Store MoE layers with index % 5 == 0 as BF16 only (fits HBM at long context)."
 )
-@_choice("--bf16", ["materialize", "derive"], "materialize",
-         "materialize: store exact BF16 copies; derive: FP8 only, the runtime dequantizes at load.")  # fmt: skip
+@_choice("--bf16", ["materialize", "derive"], "derive",
+         "derive: FP8 only on disk, BF16 copies (where a band uses them) dequantized at load, the same bits; "
+         "materialize: also store them (3x the disk, slower to load).")  # fmt: skip
 @_tokens("--bf16-max-tokens", 0, fmt.DISPATCH[0], "Batches of at most this many tokens run on the BF16 experts.")
-@_tokens("--bf16-min-tokens", 1, fmt.DISPATCH[1], "Batches of at least this many tokens run on the BF16 experts.")
+@_tokens("--bf16-min-tokens", 1, fmt.DISPATCH[1], "Batches of at least this many tokens run on the BF16 experts "
+         "('never': none; the default bands hold no BF16 copy).", never=True)  # fmt: skip
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 2GiB).")
 @click.option(
     "--dry-run", is_flag=True, help="Report the bytes in and out, the disks, peak memory and time; write nothing."

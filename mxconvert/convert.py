@@ -46,7 +46,7 @@ def convert(
     model_dir: str,
     out_dir: str,
     long_context: bool = False,
-    bf16: str = "materialize",
+    bf16: str = "derive",
     bf16_max_tokens: int = fmt.DISPATCH[0],
     bf16_min_tokens: int = fmt.DISPATCH[1],
     max_shard_size: str | int = "5GB",

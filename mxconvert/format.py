@@ -19,9 +19,18 @@ LOCK_NAME = ".mxconvert.lock"  # held while a run writes OUT_DIR; never part of 
 DUAL, BF16_ONLY, NATIVE_ONLY = "dual", "bf16_only", "native_only"
 LONG_CONTEXT_EVERY = 5  # --long-context: MoE layers with index % 5 == 0 keep BF16 only
 PRODUCER = "mxconvert"  # the tool named in the manifest, the record and quantization_config.producer
-DISPATCH = (8, 1024)  # default bf16_max_tokens, bf16_min_tokens: BF16 at or below the first, at or above the second
+NEVER = 1 << 30  # bf16_min_tokens when no batch is large enough for the BF16 experts
+# Default bf16_max_tokens, bf16_min_tokens (BF16 at or below the first, at or above the second): the empty BF16
+# band, so every batch runs native and no BF16 copy is held (exact weights at block-FP8's memory)
+DISPATCH = (0, NEVER)
 ACTIVATION = {"alpha": 1.702, "beta": 1.0, "limit": 7.0}  # SwiGLU-OAI where config.json gives no swiglu_*
 STACKS = (("w13", ("gate", "up")), ("w2", ("down",)))  # the experts' stacked tensors: w13 rows are gate, then up
+
+
+def bf16_band_empty(bf16_max_tokens: int, bf16_min_tokens: int) -> bool:
+    """No batch size (T >= 1) takes the BF16 experts."""
+    return bf16_max_tokens < 1 and bf16_min_tokens >= NEVER
+
 
 # Output tensors of one expert group P: suffix -> (safetensors dtype, shape from (E, H, I)).
 EXPERT_TENSORS = {

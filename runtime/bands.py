@@ -1,19 +1,14 @@
-"""Dispatch bands per device: the table scripts/tune_bands.py measured, else the checkpoint's config.
+"""Dispatch bands per device: the checkpoint's config, moved to the bands scripts/tune_bands.py measured.
 
 A batch of T tokens runs on the BF16 experts when T <= bf16_max_tokens or T >= bf16_min_tokens.
 bf16_max_tokens 0 with bf16_min_tokens NEVER is the empty BF16 band: every batch native, no BF16 copies.
+The checkpoint decides whether BF16 copies are held at all (memory); the table only where its band lies.
 """
 
 import torch
 
+from mxconvert.format import NEVER, bf16_band_empty  # noqa: F401  (NEVER: the runtime's callers use it)
 from mxconvert.runtime._bands_table import BANDS
-
-NEVER = 1 << 30  # bf16_min_tokens when no batch size is large enough for the BF16 experts
-
-
-def bf16_band_empty(bf16_max_tokens: int, bf16_min_tokens: int) -> bool:
-    """No batch size (T >= 1) takes the BF16 experts."""
-    return bf16_max_tokens < 1 and bf16_min_tokens >= NEVER
 
 
 def device_name(device: torch.device | str) -> str | None:
@@ -22,8 +17,9 @@ def device_name(device: torch.device | str) -> str | None:
 
 
 def bands_for(device: torch.device | str, *, default: tuple[int, int], table: dict | None = None) -> tuple[int, int]:
-    """(bf16_max_tokens, bf16_min_tokens) measured on this device's model if the table has it, else default."""
+    """(bf16_max_tokens, bf16_min_tokens) measured on this device's model if the table has it, else default.
+    An empty BF16 band in default stays empty: the table never adds BF16 copies the checkpoint left out."""
     entry = (BANDS if table is None else table).get(device_name(device))
-    if entry is None:
+    if entry is None or bf16_band_empty(*default):
         return tuple(default)
     return entry["bf16_max_tokens"], entry["bf16_min_tokens"]

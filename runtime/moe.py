@@ -15,12 +15,12 @@ import torch
 
 from mxconvert import format as fmt
 from mxconvert.errors import MxconvertError
+from mxconvert.format import bf16_band_empty
 from mxconvert.kernels import config as kcfg
 from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8, moe_experts_reference
 from mxconvert.kernels.moe_gemm import MAX_SCALE_BYTE, dequantized_weights
 from mxconvert.kernels.quant import SwigluOAI
 from mxconvert.layout import dequantize_bf16, unpack_scales
-from mxconvert.runtime.bands import bf16_band_empty
 
 log = logging.getLogger(__name__)
 DEQUANT_EXPERTS = 8  # experts dequantized per step on a GPU (bounds the temporaries)
@@ -113,7 +113,7 @@ class MoELayer:
     """forward(hidden [T, H] BF16, topk_weights [T, k], topk_ids [T, k] global ids) -> [T, H] BF16.
 
     On one rank of several (TP or EP) the output is that rank's partial sum: all-reduce it over ranks.
-    A layer holds only what its bands use: with an empty BF16 band (bands.bf16_band_empty) it keeps FP8
+    A layer holds only what its bands use: with an empty BF16 band (format.bf16_band_empty) it keeps FP8
     weights and scales alone, drops BF16 copies it was given and derives none.
     """
 

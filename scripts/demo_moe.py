@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mxconvert.errors import MxconvertError  # noqa: E402
+from mxconvert.format import bf16_band_empty  # noqa: E402
 from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer  # noqa: E402
 from mxconvert.runtime.reference import reference64, source_experts  # noqa: E402
 from mxconvert.runtime.router import route  # noqa: E402
@@ -61,7 +62,9 @@ def main(argv=None) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 2
     lo, hi = layer.bf16_max_tokens, layer.bf16_min_tokens
-    print(f"{prefix} ({layer.weights.storage}) on {device}: BF16 at T <= {lo} or T >= {hi}, else {layer.native_mode}")
+    band = "no BF16 band, every batch on" if bf16_band_empty(lo, hi) else f"BF16 at T <= {lo} or T >= {hi}, else"
+    held = f"{layer.resident_bytes() / 1e6:.2f} MB of expert weights held"
+    print(f"{prefix} ({layer.weights.storage}) on {device}: {band} {layer.native_mode}; {held}")
     print("| tokens | path | max abs output | rel. error vs float64 (source) | bound | seconds (first call compiles) |")
     print("|---|---|---|---|---|---|")
     worst_ok = True

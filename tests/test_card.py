@@ -297,5 +297,5 @@ def test_a_conversion_writes_a_card_that_matches_its_manifest(tmp_path):
     text = (tmp_path / "out" / "README.md").read_text()
     manifest = json.loads((tmp_path / "out" / "mxconvert.json").read_text())
     assert f"sha256 `{input_fingerprint(manifest['source']['files'])}`" in text
-    assert "| `bf16_only` | 1: layers 5 |" in text and "| `dual` | 3: layers 3-4; " in text  # + the MTP group
+    assert "| `bf16_only` | 1: layers 5 |" in text and "| `native_only` | 3: layers 3-4; " in text  # + the MTP group
     assert str(tmp_path) not in text and "`src` (a local directory)" in text

@@ -38,6 +38,20 @@ def test_convert_is_the_default_command_and_verify_accepts_it(source, tmp_path):
     assert "source bit-exact" in result.output
 
 
+def test_dispatch_defaults_to_no_bf16_band_and_never_is_a_token_count(source, tmp_path):
+    """The default bands hold no BF16 copy (FP8 only on disk, --bf16 derive); 'never' spells an open band."""
+    result = run(source, tmp_path / "a", "--no-progress")
+    assert result.exit_code == 0, result.output
+    quant = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert quant["experts"]["dispatch"] == {"bf16_max_tokens": 0, "bf16_min_tokens": 2**30}
+    assert set(quant["experts"]["layers"].values()) == {"native_only"}
+    result = run(source, tmp_path / "b", "--bf16-max-tokens", 8, "--bf16-min-tokens", "Never", "--no-progress")
+    assert result.exit_code == 0, result.output
+    quant = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
+    assert quant["experts"]["dispatch"] == {"bf16_max_tokens": 8, "bf16_min_tokens": 2**30}
+    assert "[default: never]" in " ".join(run("convert", "--help").output.split())
+
+
 def test_errors_are_one_line_without_traceback(source, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -57,12 +71,19 @@ def test_bad_option_values_are_usage_errors(source, tmp_path):
     for args, line in [
         (("--bf16", "sometimes"), "Error: --bf16: 'sometimes' is not one of 'materialize', 'derive'."),
         (("--max-shard-size", "lots"), "Error: --max-shard-size: 'lots' is not a size. Write it like 5GB"),
-        (("--bf16-max-tokens", 2048), "Error: --bf16-max-tokens: 2048 is not below --bf16-min-tokens 1024."),
-        (("--bf16-min-tokens", 0), "Error: --bf16-min-tokens: 0 is not in the range x>=1."),
+        (
+            ("--bf16-max-tokens", 2048, "--bf16-min-tokens", 1024),
+            "Error: --bf16-max-tokens: 2048 is not below --bf16-min-tokens 1024.",
+        ),
+        (("--bf16-min-tokens", 0), "Error: --bf16-min-tokens: 0 is below 1."),
+        (("--bf16-min-tokens", "sometimes"), "Error: --bf16-min-tokens: 'sometimes' is not a whole number or 'never'."),
+        (("--bf16-max-tokens", -1), "Error: --bf16-max-tokens: -1 is below 0."),
         (("--device", "tpu"), "Error: --device: 'tpu' is not one of 'cpu', 'cuda'."),
         (("--force", "--resume"), "Error: --force: and --resume exclude each other."),
-        (("--frobnicate",), "Error: --frobnicate: is not an option of mxconvert convert (did you mean --force or "
-         "--private?)."),
+        (
+            ("--frobnicate",),
+            "Error: --frobnicate: is not an option of mxconvert convert (did you mean --force or --private?).",
+        ),
     ]:
         result = run(source, tmp_path / "o", *args)
         assert result.exit_code == 2 and result.output.startswith(line), (args, result.output)

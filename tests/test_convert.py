@@ -40,9 +40,9 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(source, tmp_path_factory):
-    """Three conversions of one source: default, --long-context, --bf16 derive."""
+    """Three conversions of one source: default (--bf16 derive), --long-context, --bf16 materialize."""
     outs = {}
-    for label, opts in {"default": {}, "long": {"long_context": True}, "derive": {"bf16": "derive"}}.items():
+    for label, opts in {"default": {}, "long": {"long_context": True}, "materialize": {"bf16": "materialize"}}.items():
         out = tmp_path_factory.mktemp(label) / "out"
         convert(model_dir=str(source), out_dir=str(out), max_shard_size="1MB", progress=False, **opts)
         outs[label] = out
@@ -53,10 +53,10 @@ def expected_storage(prefix, label):
     m = re.match(r"language_model\.model\.layers\.(\d+)\.", prefix)
     if label == "long" and m and int(m[1]) % 5 == 0:
         return "bf16_only"
-    return "native_only" if label == "derive" else "dual"
+    return "dual" if label == "materialize" else "native_only"
 
 
-@pytest.mark.parametrize("label", ["default", "long", "derive"])
+@pytest.mark.parametrize("label", ["default", "long", "materialize"])
 def test_every_format_rule_bit_exact(source, converted, label):
     out, src, got = converted[label], load_all(source), load_all(converted[label])
     config = json.loads((out / "config.json").read_text())
@@ -101,7 +101,7 @@ def test_every_format_rule_bit_exact(source, converted, label):
 
 
 def test_planted_edge_bytes_survive(source, converted):
-    got = load_all(converted["default"])
+    got = load_all(converted["materialize"])
     prefix = "language_model.model.layers.3.block_sparse_moe.experts"
     w13, w2 = got[f"{prefix}.w13_weight"], got[f"{prefix}.w2_weight"]
     s13, s2 = got[f"{prefix}.w13_weight_scale"], got[f"{prefix}.w2_weight_scale"]
@@ -147,7 +147,7 @@ def test_index_config_card_manifest_and_side_files(source, converted):
         "block_size": 32,
         "scale_layout": "expert_kblock_n",
     }
-    assert experts["dispatch"] == {"bf16_max_tokens": 8, "bf16_min_tokens": 1024}
+    assert experts["dispatch"] == {"bf16_max_tokens": 0, "bf16_min_tokens": 2**30}  # the empty BF16 band
     assert experts["activation"] == {"kind": "swigluoai", "alpha": 1.702, "beta": 1.0, "limit": 7.0}
     assert quant["producer"] == {"name": "mxconvert", "version": __version__}
 
@@ -155,7 +155,7 @@ def test_index_config_card_manifest_and_side_files(source, converted):
     meta = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in meta  # a local source has no repo id to name
     assert {"mxfp8", "fp8", "fnuz", "mi300x", "moe"} <= set(meta["tags"]) and meta["license"] == "mit"
-    assert __version__ in card and "materialize" in card
+    assert __version__ in card and "derive" in card and "no BF16 band" in card
 
     for name in (
         "tokenizer.json",
@@ -178,7 +178,7 @@ def test_index_config_card_manifest_and_side_files(source, converted):
     assert {n for n, f in inputs.items() if "header_sha256" in f} == {p.name for p in source.glob("*.safetensors")}
     for name in ("config.json", "model.safetensors.index.json", "README.md", "tokenizer.json"):  # read once, hashed
         assert inputs[name]["sha256"] == hashlib.sha256((source / name).read_bytes()).hexdigest()
-    assert manifest["options"]["bf16"] == "materialize" and manifest["tool"]["version"] == __version__
+    assert manifest["options"]["bf16"] == "derive" and manifest["tool"]["version"] == __version__
 
 
 @pytest.mark.parametrize("naming", ["hf", "compressed"])
@@ -189,7 +189,7 @@ def test_other_namings_give_the_same_layout(tmp_path, naming, converted):
     verify(out_dir=out, source=src)  # bit for bit against the source, named its own way
     a, b = load_all(out), load_all(converted["default"])
     layout_of = lambda tensors: {n: (t.dtype, t.shape) for n, t in tensors.items() if ".experts." in n}  # noqa: E731
-    assert layout_of(a) == layout_of(b) and len(layout_of(a)) == 5 * 6
+    assert layout_of(a) == layout_of(b) and len(layout_of(a)) == 5 * 4  # native_only: FP8 and scales
 
 
 def test_single_file_source_and_verify_with_source(tmp_path):
@@ -204,7 +204,7 @@ def test_verify_catches_a_changed_byte_and_a_missing_manifest(converted, tmp_pat
     import shutil
 
     out = tmp_path / "copy"
-    shutil.copytree(converted["derive"], out)
+    shutil.copytree(converted["default"], out)
     verify(out_dir=out)
     shard = sorted(out.glob("*.safetensors"))[-1]
     data = bytearray(shard.read_bytes())

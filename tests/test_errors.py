@@ -314,7 +314,7 @@ CASES = [
     Case("bad_shard_size", "--max-shard-size lots", None, (*ARGS, "--max-shard-size", "lots"), 2,
          r"--max-shard-size: 'lots' is not a size. Write it like 5GB, 500MB or 2GiB.", "nothing"),
     Case("bad_dispatch_band", "--bf16-max-tokens above --bf16-min-tokens", None,
-         (*ARGS, "--bf16-max-tokens", "2048"), 2,
+         (*ARGS, "--bf16-max-tokens", "2048", "--bf16-min-tokens", "1024"), 2,
          r"--bf16-max-tokens: 2048 is not below --bf16-min-tokens 1024. The native band lies between them; pick "
          r"max < min.", "nothing"),
     Case("force_and_resume", "--force --resume", None, (*ARGS, "--force", "--resume"), 2,

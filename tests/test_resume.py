@@ -31,6 +31,7 @@ from mxconvert.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD, MANIFEST = "mxconvert.partial.json", "mxconvert.json"
 SHARD_SIZE = ("--max-shard-size", "1.15MB")  # 8 shards of the tiny checkpoint
+HYBRID = ("--bf16", "materialize", "--bf16-max-tokens", "8", "--bf16-min-tokens", "1024")  # the most to write
 
 
 def cli(*args):
@@ -42,7 +43,7 @@ def hashes(directory):
 
 
 def convert_args(source, out, *extra):
-    return [str(source), str(out), *SHARD_SIZE, "--no-progress", *extra]
+    return [str(source), str(out), *SHARD_SIZE, *HYBRID, "--no-progress", *extra]
 
 
 def killed_run(source, out, at, sig="SIGKILL"):

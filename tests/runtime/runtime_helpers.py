@@ -20,7 +20,15 @@ def build_checkpoints(root, **shape):
     out = {"src": src}
     for bf16 in ("materialize", "derive"):
         out["dual" if bf16 == "materialize" else "derive"] = root / bf16
-        convert(model_dir=str(src), out_dir=str(root / bf16), bf16=bf16, long_context=True, progress=False)
+        convert(
+            model_dir=str(src),
+            out_dir=str(root / bf16),
+            bf16=bf16,
+            long_context=True,
+            progress=False,
+            bf16_max_tokens=8,
+            bf16_min_tokens=1024,
+        )  # fmt: skip  (the hybrid: both paths to test)
     return out
 
 

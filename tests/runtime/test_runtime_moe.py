@@ -3,7 +3,7 @@ storage, TP slices summed over ranks, EP; the router and the bands table."""
 
 import pytest
 import torch
-from runtime_helpers import BF16_ONLY, DUAL, PLANTED, inputs, reference64, rel_err, source_experts
+from runtime_helpers import BF16_ONLY, DUAL, PLANTED, SHAPE, inputs, reference64, rel_err, source_experts
 
 from mxconvert import format as fmt
 from mxconvert.kernels.config import fp8_format
@@ -183,6 +183,24 @@ def test_bands_for(device):
     if ON_GPU:
         name = torch.cuda.get_device_name()
         assert bands_for("cuda", default=(8, 1024), table={name: table["Some GPU"]}) == (4, 512)
+        # a checkpoint without a BF16 band keeps none: the table moves bands, it adds no BF16 copies
+        assert bands_for("cuda", default=(0, NEVER), table={name: table["Some GPU"]}) == (0, NEVER)
+
+
+def test_default_conversion_loads_fp8_alone(tmp_path, device):
+    """The converter's defaults (--bf16 derive, no BF16 band): a loaded layer holds FP8 and scales only,
+    on every device (a device's measured bands do not add BF16 copies), and runs native at every T."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    from mxconvert.convert import convert
+
+    src = make_tiny_checkpoint(tmp_path / "src", mtp=False, num_shards=1, **SHAPE)
+    convert(model_dir=str(src), out_dir=str(tmp_path / "out"), progress=False)
+    layer = load_moe_layer(ConvertedCheckpoint(tmp_path / "out"), DUAL, device=device)
+    w = layer.weights
+    assert w.storage == fmt.NATIVE_ONLY and w.w13_bf16 is None and w.w2_bf16 is None
+    assert layer.resident_bytes() == sum(t.nbytes for t in (w.w13, w.w13_scale, w.w2, w.w2_scale))
+    assert {layer.path_for(t) for t in (1, 8, 4096, 1 << 20)} == {layer.native_mode}
 
 
 @pytest.mark.gpu

@@ -27,9 +27,13 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     src = make_tiny_checkpoint(root / "src", **TINY)
     out = {"src": src}
+    hybrid = dict(bf16_max_tokens=8, bf16_min_tokens=1024)  # both paths to check: BF16 copies held
     for name, bf16 in (("dual", "materialize"), ("derive", "derive")):
         out[name] = root / name
-        convert(model_dir=str(src), out_dir=str(out[name]), long_context=True, bf16=bf16, progress=False)
+        convert(model_dir=str(src), out_dir=str(out[name]), long_context=True, bf16=bf16, progress=False, **hybrid)
     out["vl_src"], out["vl"] = make_tiny_checkpoint(root / "vl_src", **TINY_VL), root / "vl"
-    convert(model_dir=str(out["vl_src"]), out_dir=str(out["vl"]), long_context=True, progress=False)
+    convert(
+        model_dir=str(out["vl_src"]), out_dir=str(out["vl"]), long_context=True, bf16="materialize", progress=False,
+        **hybrid,
+    )  # fmt: skip
     return out
