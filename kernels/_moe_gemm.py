@@ -3,11 +3,11 @@
 C[p, n] = sum_k A[p // A_DIV, k] * B[e, n, k] (* topk_weight[p]) for every pair p of a BLOCK_M block of
 sorted_ids, e that block's expert. MODE 0: BF16 A and B. MODE 1 (W8A16): BF16 A, FP8 B times its E8M0
 scale dequantized to BF16 in registers. MODE 2 (W8A8): FP8 A and B with E8M0 scales per 32 along K, by
-W8A8_DOT: 0 one 32-wide FP8 dot per scale group, rescaled by sa * sb into the fp32 accumulator, the scales
-read in the step; 1 the same with the next step's scale bytes prefetched into registers one step ahead (they
-feed no dot, so Triton's pipeliner leaves them as synchronous loads); 2 both operands dequantized exactly to
-BF16 (A times sa, its bytes prefetched as in 1; B times sb by the W8A16 route DEQUANT) and one BF16 dot per
-step on the loop-carried accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
+W8A8_DOT: 0 one 32-wide FP8 dot per scale group, rescaled by sa * sb into the fp32 accumulator, the scale
+bytes loaded into registers one step ahead (they feed no dot, so Triton's pipeliner would leave them as
+synchronous loads in the step: 10-52% slower on the H200); 1 both operands dequantized exactly to BF16 (A times
+sa, its bytes prefetched likewise; B times sb by the W8A16 route DEQUANT) and one BF16 dot per step on the
+loop-carried accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
 fills the MMA's M side (wgmma needs 64) when a block holds few tokens. SPLIT_K > 1 (no top-k weights):
 program axis 1 takes one K slice and stores fp32 partials [SPLIT_K, P, N] that the consumer sums, so
 more CTAs stream weights when few blocks exist (decode).
@@ -221,20 +221,15 @@ def _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok,
             UPCAST: tl.constexpr, EVEN_K: tl.constexpr, DEQUANT: tl.constexpr, W8A8_DOT: tl.constexpr,
             BLOCK_K: tl.constexpr):  # fmt: skip
     # One BLOCK_K step of the accumulation (see the module docstring for the modes); sab / sbb: this step's
-    # prefetched W8A8 scale bytes (W8A8_DOT 1).
+    # prefetched W8A8 scale bytes.
     G: tl.constexpr = BLOCK_K // 32
-    if MODE == 2 and W8A8_DOT < 2:
+    if MODE == 2 and W8A8_DOT == 0:
         # W8A8: per 32-group FP8 dot, then both scales in fp32 (a scale may not cross groups).
         for g in tl.static_range(G):
             kk = k0 + g * 32 + tl.arange(0, 32)
             k_ok = (kk < K) | EVEN_K
-            if W8A8_DOT == 1:
-                sa = _e8m0(_col(sab, g, G), 0)
-                sb = _e8m0(_col(sbb, g, G), SCALE_SHIFT)
-            else:
-                grp = tl.minimum(k0 // 32 + g, K // 32 - 1)  # past K: any scale, the values are masked to 0
-                sa = _e8m0(tl.load(as_ptr + rows * stride_asm + grp, mask=row_ok, other=127), 0)
-                sb = _e8m0(tl.load(bs_base + grp * stride_bsg + offs_n, mask=n_ok, other=127), SCALE_SHIFT)
+            sa = _e8m0(_col(sab, g, G), 0)
+            sb = _e8m0(_col(sbb, g, G), SCALE_SHIFT)
             if SWAP_AB:
                 a = tl.load(
                     a_ptr + rows[None, :] * stride_am + kk[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0
@@ -426,12 +421,12 @@ def _fused_moe_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if MODE == 2 and W8A8_DOT >= 1:  # scale bytes one step ahead, in registers (BF16 dots: A's only)
+    if MODE == 2:  # W8A8 scale bytes one step ahead, in registers (BF16 dots: A's only)
         sab, sbb = _w8a8_scale_bytes(k_lo, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K, stride_asm, stride_bsg,
-                                     BLOCK_K, W8A8_DOT == 1)  # fmt: skip
+                                     BLOCK_K, W8A8_DOT == 0)  # fmt: skip
         for k0 in range(k_lo, k_hi, BLOCK_K):
             sab_next, sbb_next = _w8a8_scale_bytes(k0 + BLOCK_K, as_ptr, bs_base, rows, row_ok, offs_n, n_ok, K,
-                                                   stride_asm, stride_bsg, BLOCK_K, W8A8_DOT == 1)  # fmt: skip
+                                                   stride_asm, stride_bsg, BLOCK_K, W8A8_DOT == 0)  # fmt: skip
             acc = _k_step(acc, k0, a_ptr, as_ptr, b_base, bs_base, rows, row_ok, offs_n, n_ok, K, stride_am,
                           stride_asm, stride_bn, stride_bsg, sab, sbb, MODE, SCALE_SHIFT, SWAP_AB, UPCAST, EVEN_K,
                           DEQUANT, W8A8_DOT, BLOCK_K)  # fmt: skip

@@ -1,7 +1,7 @@
 """Tile configs for the fused MoE GEMMs, chosen by device and shape, and each device's native mode.
 
 Hopper tables: measured with scripts/bench_moe.py --sweep at MiniMax-M3 TP8 shapes (notes/kernels.md),
-H100 (2026-11-24) and H200 (2026-12-02, W8A16 only: its BF16 and W8A8 rows are the H100's).
+H100 (2026-11-24) and H200 (2026-12-02, W8A16 and W8A8: its BF16 rows are the H100's).
 gfx942 (MI300X): the seed's rules, not measured here.
 """
 
@@ -20,7 +20,7 @@ class GemmTile:
     group_m: int = 8
     split_k: int = 1  # K slices on separate programs (fp32 partials): more CTAs streaming at decode
     dequant: str = "auto"  # FP8 -> BF16 route (W8A16, W8A8 "bf16"): "fp32", "bits", "asm" (moe_gemm.resolve_dequant)
-    w8a8: str = "fp8"  # W8A8 dot: "fp8" / "fp8_prefetch" (FP8 dot per 32-group) or "bf16" (moe_gemm.W8A8_DOT)
+    w8a8: str = "fp8"  # W8A8 dot: "fp8" (FP8 dot per 32-group) or "bf16" (exact BF16 operands; moe_gemm.W8A8_DOT)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,20 @@ H200_W8A16 = [
     (24, 32, Tile(64, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
     (None, 64, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
 ]
-TABLES = {"h100": HOPPER, "h200": {**HOPPER, "w8a16": H200_W8A16}}
+# H200 W8A8 (scripts/bench_moe.py --compare-w8a8, 2026-12-02; notes/kernels.md): the W8A16 rows' tiles beat
+# the H100 W8A8 rows at every T but 512 (a tie); FP8 dots, but BF16 dots at 1-2 tokens per expert (T 32:
+# 261.6 vs 276.7 us).
+BF16_DOT = "bf16"
+H200_W8A8 = [
+    (0.1, 16, Tile(64, 256, 4, 3, SWAP_AB, split_k=4), Tile(64, 128, 4, 3), DIRECT),
+    (0.25, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB), DIRECT),
+    (0.5, 16, Tile(128, 128, 4, 3, SWAP_AB, split_k=4), Tile(128, 128, 4, 3, SWAP_AB)),
+    (2, 16, Tile(128, 128, 4, 3, SWAP_AB, w8a8=BF16_DOT), Tile(128, 128, 4, 2, w8a8=BF16_DOT)),
+    (8, 16, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 128, 4, 2)),
+    (24, 32, Tile(64, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
+    (None, 64, Tile(128, 128, 4, 3, SWAP_AB), Tile(128, 64, 4, 4)),
+]
+TABLES = {"h100": HOPPER, "h200": {**HOPPER, "w8a16": H200_W8A16, "w8a8": H200_W8A8}}
 
 
 def hopper_table(device: torch.device | str | None = None) -> dict:

@@ -16,9 +16,9 @@ from mxconvert.layout import BLOCK, dequantize, unpack_scales
 MODES = {"bf16": 0, "w8a16": 1, "w8a8": 2}
 # W8A16 dequantization routes (_moe_gemm.py); the NVIDIA ones ("asm_*") need every scale byte <= 143
 DEQUANT = {"fp32": 0, "bits": 1, "asm_f16_1": 2, "asm_f16_pair": 3}
-# W8A8 dot formulations (_moe_gemm.py W8A8_DOT): FP8 dots per 32-group rescaled in fp32 (scales read in the
-# step, or prefetched a step ahead), or both operands dequantized exactly to BF16 and one BF16 dot per step
-W8A8_DOT = {"fp8": 0, "fp8_prefetch": 1, "bf16": 2}
+# W8A8 dot formulations (_moe_gemm.py W8A8_DOT): FP8 dots per 32-group rescaled in fp32, or both operands
+# dequantized exactly to BF16 (the weights by the W8A16 route) and one BF16 dot per step
+W8A8_DOT = {"fp8": 0, "bf16": 1}
 FP8_VIEW = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
 
 

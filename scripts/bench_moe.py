@@ -413,7 +413,7 @@ def compare_routes(tokens, routes, shape="tp8"):
 
 def compare_w8a8(tokens, dots, shape="tp8"):
     """Whole W8A8 forwards per dot formulation (moe_gemm.W8A8_DOT) on two tile sets: the W8A8 table's and the
-    W8A16 table's (its split-K and DIRECT rows included); the W8A16 forward beside them."""
+    W8A16 table's (its split-K and DIRECT rows included); the W8A16 and the shipped W8A8 forwards beside them."""
     e, h, i, k = SHAPES[shape]
     fp8, _ = make_weights(e, h, i)
     rows = []
@@ -423,6 +423,7 @@ def compare_w8a8(tokens, dots, shape="tp8"):
         kw = dict(tokens=t, top_k=k, num_experts=e, hidden=h, intermediate=i)
         row = dict(tokens=t, us={})
         row["us"]["w8a16"] = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a16"))
+        row["us"]["w8a8 table"] = bench(lambda: moe_experts_mxfp8(x, w, ids, **fp8, mode="w8a8"))
         for tiles in ("w8a8", "w8a16"):
             base = cfg.moe_config(**kw, mode=tiles)
             for dot in dots:

@@ -19,7 +19,7 @@ def test_hopper_table_is_ordered_and_valid(gpu, mode):
         assert bm in (16, 32, 64, 128)
         for t in tiles:
             assert t.block_k % 32 == 0 and t.block_k & (t.block_k - 1) == 0 and t.num_warps in (1, 2, 4, 8)
-            assert t.split_k >= 1 and t.dequant == "auto"
+            assert t.split_k >= 1 and t.dequant == "auto" and t.w8a8 in ("fp8", "bf16")
 
 
 def test_seed_gfx942_rules():
@@ -59,3 +59,12 @@ def test_h200_table_decode_rows(monkeypatch):
     pick = lambda t: cfg.moe_config(tokens=t, top_k=4, num_experts=128, hidden=6144, intermediate=384, mode="w8a16")
     assert [pick(t).direct for t in (1, 8, 16, 1024)] == [True, True, False, False]
     assert pick(1).gemm1.split_k == 4 and pick(128).gemm1.split_k == 1
+
+
+def test_h200_w8a8_rows(monkeypatch):
+    # H200 W8A8: the W8A16 rows' tiles; FP8 dots except BF16 dots at 1-2 tokens per expert (T 32)
+    monkeypatch.setattr(cfg, "device_family", lambda device=None: "hopper")
+    monkeypatch.setattr(cfg, "hopper_table", lambda device=None: cfg.TABLES["h200"])
+    pick = lambda t: cfg.moe_config(tokens=t, top_k=4, num_experts=128, hidden=6144, intermediate=384, mode="w8a8")
+    assert [pick(t).gemm1.w8a8 for t in (1, 8, 32, 128, 1024)] == ["fp8", "fp8", "bf16", "fp8", "fp8"]
+    assert pick(1).direct and pick(1).gemm1.split_k == 4
