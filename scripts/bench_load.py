@@ -1,7 +1,7 @@
 """Serving cost of one full-size MiniMax-M3 MoE layer on one GPU: ours (converted offline) beside the load-time
 paths every MI300X stack runs today, then the whole model extrapolated per TP8 and TP4 rank.
 
-    python3 scripts/bench_load.py [--peers .bench-peers] [--drop-caches] [--json out.json] [--workdir DIR]
+    python3 scripts/bench_load.py [--drop-caches] [--json out.json] [--workdir DIR]
 
 Rows: ours `--bf16 derive` and `--bf16 materialize` with the device's dispatch bands (hybrid: FP8 and BF16
 copies resident), ours FP8 only (the empty BF16 band), BF16 emulation at load (vLLM 0.33) and block-FP8
@@ -10,8 +10,8 @@ Each row runs in its own process (its own CUDA context and memory statistics) tw
 cache dropped, empty Triton cache) and a restart (warm page cache, Triton cache kept). Per run: seconds to
 load, to the first forward (T 1) and to warm up (a CUDA graph for each of vLLM's 67 capture sizes, 1-512
 tokens), peak and resident GPU memory, and the weight error against the source's MXFP8 values (ours
-checked bit for bit). The load-time paths run vLLM's Triton kernels from the peer harness (--peers);
-without it their forwards are not timed. Without a GPU, a small shape on the CPU checks the script.
+checked bit for bit). The load-time paths run vLLM's Triton kernels (scripts/peers/). Without a GPU, a
+small shape on the CPU checks the script.
 """
 
 import argparse
@@ -246,7 +246,7 @@ def print_tables(result: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, help="where the checkpoints go (default: a temp dir); needs ~40 GB free")
-    ap.add_argument("--peers", type=Path, help="the peer harness folder (vllm_fused_moe.py, configs/)")
+    ap.add_argument("--peers", type=Path, default=ROOT / "scripts" / "peers", help="the peer kernels' folder")
     ap.add_argument("--drop-caches", action="store_true", help="also drop the whole page cache (root; the GPU box)")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
     ap.add_argument("--json", type=Path)
