@@ -31,6 +31,8 @@ def checkpoints(tmp_path_factory):
     for name, bf16 in (("dual", "materialize"), ("derive", "derive")):
         out[name] = root / name
         convert(model_dir=str(src), out_dir=str(out[name]), long_context=True, bf16=bf16, progress=False, **hybrid)
+    out["defaults"] = root / "defaults"  # what `mxconvert SRC OUT` writes: FP8 only, no BF16 band
+    convert(model_dir=str(src), out_dir=str(out["defaults"]), progress=False)
     out["vl_src"], out["vl"] = make_tiny_checkpoint(root / "vl_src", **TINY_VL), root / "vl"
     convert(
         model_dir=str(out["vl_src"]), out_dir=str(out["vl"]), long_context=True, bf16="materialize", progress=False,

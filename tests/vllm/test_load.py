@@ -106,6 +106,33 @@ def test_forward_through_vllm_runner(dual, checkpoints, tokens):
     assert torch.equal(out, expected)
 
 
+def test_default_conversion_holds_fp8_alone_and_runs_native(checkpoints):
+    """The converter's defaults (--bf16 derive, no BF16 band): every MoE layer holds FP8 experts and scales
+    only, and every batch size runs the native path, as the runtime's MoELayer does."""
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer
+    from mxconvert.runtime.router import route
+
+    model, config = load_model(checkpoints["defaults"])
+    for prefix, layer in moe_prefixes(model).items():
+        assert layer.quant_method.storage == fmt.NATIVE_ONLY
+        assert {s for s in fmt.EXPERT_TENSORS if s in layer._parameters} == set(fmt.NATIVE_TENSORS), prefix
+    block = model.model.layers[2].block_sparse_moe
+    use_vllm_grouped_routing(block.experts)
+    runtime = load_moe_layer(ConvertedCheckpoint(checkpoints["defaults"]), GROUP.format(2))
+    for tokens in (1, 1024):
+        x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+        with set_current_vllm_config(config), set_forward_context(None, config):
+            logits, _ = block.gate(x)
+            out = block.experts(hidden_states=x, router_logits=logits)
+            shared = block.shared_experts(x)
+        weights, ids = route(logits, block.e_score_correction_bias, top_k=2, routed_scaling_factor=2.0)
+        assert torch.equal(out, shared + runtime.forward(x, weights, ids))
+        assert block.experts.routed_experts.quant_method.moe_layer.last_path == runtime.last_path == "w8a8"
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is the interpreted run")
 def test_forward_with_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
