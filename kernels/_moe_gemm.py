@@ -5,10 +5,10 @@ sorted_ids, e that block's expert. MODE 0: BF16 A and B. MODE 1 (W8A16): BF16 A,
 scale dequantized to BF16 in registers. MODE 2 (W8A8): FP8 A and B with E8M0 scales per 32 along K, by
 W8A8_DOT: 0 one 32-wide FP8 dot per scale group, rescaled by sa * sb into the fp32 accumulator, the scale
 bytes loaded into registers one step ahead (they feed no dot, so Triton's pipeliner would leave them as
-synchronous loads in the step: 10-52% slower on the H200); 1 both operands dequantized exactly to BF16 (A times
-sa, its bytes prefetched likewise; B times sb by the W8A16 route DEQUANT) and one BF16 dot per step on the
-loop-carried accumulator. SWAP_AB computes C^T = B A^T, so the weight tile
-fills the MMA's M side (wgmma needs 64) when a block holds few tokens. SPLIT_K > 1 (no top-k weights):
+synchronous loads in the step: up to 1.5x slower on the H200); 1 both operands dequantized exactly to BF16
+(A times sa, its bytes prefetched likewise; B times sb by the W8A16 route DEQUANT) and one BF16 dot per step
+on the loop-carried accumulator. SWAP_AB computes C^T = B A^T, so the weight tile fills the MMA's M side
+(wgmma needs 64) when a block holds few tokens. SPLIT_K > 1 (no top-k weights):
 program axis 1 takes one K slice and stores fp32 partials [SPLIT_K, P, N] that the consumer sums, so
 more CTAs stream weights when few blocks exist (decode).
 

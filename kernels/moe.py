@@ -129,8 +129,9 @@ def moe_experts_mxfp8(
     default native_mode(device). fp8_format default cfg.fp8_format(device) ("fn" on NVIDIA).
     zero_outside_experts: topk_ids outside [0, E) (experts on other ranks) contribute zero; otherwise
     every id must lie in [0, E).
-    dequant: the W8A16 FP8 -> BF16 route for both GEMMs ("auto": the tiles' choice, moe_gemm.resolve_dequant,
-    whose NVIDIA routes need scale bytes <= 143; pass "fp32" for weights with larger scales).
+    dequant: the FP8 -> BF16 weight route for both GEMMs, W8A16's and W8A8's BF16 dots (tile w8a8 "bf16", the
+    H200 table's rows at 1-2 tokens per expert) ("auto": the tiles' choice, moe_gemm.resolve_dequant, whose
+    NVIDIA routes need scale bytes <= 143; pass "fp32" for weights with larger scales).
     """
     mode = mode or native_mode(hidden.device)
     if mode not in ("w8a8", "w8a16"):
