@@ -152,10 +152,11 @@ class MoELayer:
             )
         if not self.native:  # never used: free the FP8 copies
             weights.w13 = weights.w13_scale = weights.w2 = weights.w2_scale = None
-        # The fast NVIDIA dequantization routes decode scale bytes up to MAX_SCALE_BYTE (143)
+        # The fast NVIDIA dequantization routes (W8A16, and W8A8's BF16-dot rows) decode scale bytes up to
+        # MAX_SCALE_BYTE (143): larger ones take the exact fp32 route
         self.dequant = "auto"
         limit = min(MAX_SCALE_BYTE.values())
-        if self.native and self.native_mode == "w8a16" and max_scale_byte(weights.w13_scale, weights.w2_scale) > limit:
+        if self.native and max_scale_byte(weights.w13_scale, weights.w2_scale) > limit:
             self.dequant = "fp32"
         self.triton = triton_runs(self.device)
         self.last_path: str | None = None

@@ -115,10 +115,13 @@ def test_needs_bf16():
     assert runtime_moe.needs_bf16(0, NEVER, expert_parallel=True)
 
 
-def test_large_scale_bytes_take_the_exact_route(ckpts, device):
+@pytest.mark.parametrize("native_mode", ["w8a16", "w8a8"])  # W8A8's BF16-dot rows use the same routes
+def test_large_scale_bytes_take_the_exact_route(ckpts, device, native_mode):
     # the planted layer holds scale byte 253, past what the one-multiply NVIDIA routes decode (143)
-    layer = load_moe_layer(ConvertedCheckpoint(ckpts["dual"]), PLANTED, device=device, bands=BANDS)
-    assert layer.native and layer.dequant == ("fp32" if layer.native_mode == "w8a16" else "auto")
+    c = ConvertedCheckpoint(ckpts["dual"])
+    layer = load_moe_layer(c, PLANTED, device=device, bands=BANDS, native_mode=native_mode)
+    assert layer.native and layer.dequant == "fp32"
+    assert load_moe_layer(c, DUAL, device=device, bands=BANDS, native_mode=native_mode).dequant == "auto"
 
 
 @pytest.mark.parametrize("t", [1, 4])  # BF16 and native
