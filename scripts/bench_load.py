@@ -249,6 +249,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--peers", type=Path, default=ROOT / "scripts" / "peers", help="the peer kernels' folder")
     ap.add_argument("--drop-caches", action="store_true", help="also drop the whole page cache (root; the GPU box)")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ", ".join(PATHS))
+    ap.add_argument("--shape", help="E,H,I of the layer (default: MiniMax-M3's on a GPU, 4,256,128 on a CPU)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir")
     ap.add_argument("--worker", choices=list(PATHS), help=argparse.SUPPRESS)
@@ -258,7 +259,7 @@ def main(argv=None) -> dict:
         print("RESULT " + json.dumps(worker(args.worker, args.workdir, args.peers, args.check)), flush=True)
         return {}
     cuda = torch.cuda.is_available()
-    e, h, i = (E, H, I) if cuda else (4, 256, 128)
+    e, h, i = [int(v) for v in args.shape.split(",")] if args.shape else (E, H, I) if cuda else (4, 256, 128)
     work = Path(tempfile.mkdtemp(prefix="bench_load_", dir=args.workdir))
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", shape=dict(E=e, H=h, I=i), rows=[],
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__)  # fmt: skip

@@ -1,6 +1,6 @@
 """Benchmark the MoE experts forwards on one GPU: ours (W8A16, W8A8, BF16) beside the peers a user could pick.
 
-Peers (--peers DIR, a copy of the peer harness with vllm_fused_moe.py, hm_moe.py and configs/): the block-FP8
+Peers (--peers DIR, default scripts/peers: vllm_fused_moe.py, hm_moe.py and configs/): the block-FP8
 128x128 W8A8 path (vLLM's Triton fused-MoE kernel with its tuned H200 config, on the MXFP8 weights
 requantized to 128x128 blocks as SGLang / vLLM PR 45726 do at load) and Humming's MXFP8 W8A16 / W8A8 where
 the humming-kernels package is installed (skipped with a note otherwise). Every path gets the same MXFP8
@@ -10,7 +10,7 @@ GEMMs, the activation, the top-k sum), captured in a CUDA graph and replayed (me
 timings); the FP8 floor is the touched experts' FP8 bytes at the copy bandwidth measured in the same run.
 Resident bytes: the expert tensors each path keeps for one layer at the shape (per rank).
 
-  python3 scripts/bench_moe.py --peers .bench-peers --json out.json   # the table: TP8 uniform, TP8 Zipf,
+  python3 scripts/bench_moe.py --json out.json                        # the table: TP8 uniform, TP8 Zipf,
                                                                       # TP4 uniform (--runs to change)
   python3 scripts/bench_moe.py --sweep --modes w8a16 --json sweep.json  # per-GEMM tile sweep (kernels/config.py)
   python3 scripts/bench_moe.py --compare-routes fp32,asm_f16_pair,asm_f16_1 --tokens 8,128  # W8A16 routes
@@ -30,6 +30,8 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_time_paths import block_fp8  # noqa: E402
 
 from mxconvert.kernels import config as cfg  # noqa: E402
 from mxconvert.kernels.align import align_routing  # noqa: E402
@@ -134,17 +136,14 @@ def load_peers(peers_dir):
 
 
 def requant_block128(w):
-    """BF16 [E, N, K] -> E4M3FN with FP32 scales [E, N/128, K/128], scale = block amax / 448: the load-time
-    conversion SGLang and vLLM PR 45726 apply to MXFP8 weights for the block-FP8 kernel."""
+    """BF16 [E, N, K] -> the block-FP8 path's weights as Hopper reads them: E4M3FN with FP32 scales
+    [E, N/128, K/128] (load_time_paths.block_fp8's FNUZ bytes, -0 cleared, are these values at half its scale)."""
     e, n, k = w.shape
-    q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    q = torch.empty(e, n, k, dtype=torch.uint8, device=w.device)
     sc = torch.empty(e, n // 128, k // 128, dtype=torch.float32, device=w.device)
     for j in range(0, e, 16):
-        wf = w[j : j + 16].float().view(-1, n // 128, 128, k // 128, 128)
-        s = (wf.abs().amax(dim=(2, 4)) / 448.0).clamp(min=1e-12)
-        q[j : j + 16] = (wf / s[:, :, None, :, None]).to(torch.float8_e4m3fn).view(-1, n, k)
-        sc[j : j + 16] = s
-    return q, sc
+        q[j : j + 16], sc[j : j + 16] = block_fp8(w[j : j + 16].float())
+    return q.view(torch.float8_e4m3fn), sc / 2
 
 
 def rel_err(out, ref):
@@ -527,7 +526,8 @@ def main():
         default="tp8:uniform:;tp8:zipf:8,128,1024;tp4:uniform:1,32,512,4096",
         help="the table's runs, ';'-separated shape:routing:tokens (empty tokens: --tokens)",
     )
-    ap.add_argument("--peers", type=Path, help="the peer harness folder (vllm_fused_moe.py, hm_moe.py, configs/)")
+    ap.add_argument("--peers", type=Path, default=Path(__file__).resolve().parent / "peers",
+                    help="the peer kernels' folder (vllm_fused_moe.py, hm_moe.py, configs/)")  # fmt: skip
     ap.add_argument("--hybrid", action="store_true", help="the runtime's hybrid dispatch vs each single path")
     ap.add_argument("--bands", help="with --hybrid: LO,HI instead of the device's tuned bands")
     args = ap.parse_args()

@@ -95,7 +95,8 @@ def test_block_fp8_at_load_matches_block_fp8_of_the_values(source):
 def test_bench_load_runs_end_to_end_on_the_cpu(tmp_path):
     import bench_load
 
-    result = bench_load.main(["--workdir", str(tmp_path), "--paths", "ours_native,block_fp8_at_load"])
+    paths = "ours_native,block_fp8_at_load"
+    result = bench_load.main(["--workdir", str(tmp_path), "--paths", paths, "--shape", "4,256,128"])
     rows = {(r["path"], r["start"]): r for r in result["rows"]}
     assert set(rows) == {(p, s) for p in ("ours_native", "block_fp8_at_load") for s in ("cold", "warm")}
     assert all("error" not in r for r in rows.values()), rows
