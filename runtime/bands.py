@@ -1,13 +1,13 @@
 """Dispatch bands per device: the checkpoint's config, moved to the bands scripts/tune_bands.py measured.
 
 A batch of T tokens runs on the BF16 experts when T <= bf16_max_tokens or T >= bf16_min_tokens.
-bf16_max_tokens 0 with bf16_min_tokens NEVER is the empty BF16 band: every batch native, no BF16 copies.
+bf16_max_tokens 0 with bf16_min_tokens format.NEVER is the empty BF16 band: every batch native, no BF16 copies.
 The checkpoint decides whether BF16 copies are held at all (memory); the table only where its band lies.
 """
 
 import torch
 
-from mxconvert.format import NEVER, bf16_band_empty  # noqa: F401  (NEVER: the runtime's callers use it)
+from mxconvert.format import bf16_band_empty
 from mxconvert.runtime._bands_table import BANDS
 
 

@@ -34,13 +34,13 @@ from load_time_paths import (  # noqa: E402
     bf16_at_load,
     block_fp8_at_load,
     block_fp8_values,
-    mxfp8_values,
 )
 
 from mxconvert.convert import convert  # noqa: E402
+from mxconvert.format import NEVER  # noqa: E402
 from mxconvert.kernels.moe import capture_cuda_graph, moe_experts_reference  # noqa: E402
 from mxconvert.kernels.moe_gemm import dequantized_weights  # noqa: E402
-from mxconvert.runtime.bands import NEVER  # noqa: E402
+from mxconvert.layout import dequantize  # noqa: E402
 from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer  # noqa: E402
 
 PATHS = {
@@ -128,7 +128,7 @@ def weight_error(path: str, held: dict, work: Path, device: str) -> dict:
     for first, raw in src.chunks(device):
         c = raw["w13"].shape[0]
         for k in ("w13", "w2"):
-            want = mxfp8_values(raw[k], raw["s" + k[1:]], torch.float64)
+            want = dequantize(raw[k], raw["s" + k[1:]], fnuz=False)  # float64: exact
             served = []
             if held.get(k) is not None:  # FP8: block-FP8's FP32 scales, or our packed E8M0
                 v, s = held[k][first : first + c], held[k + "_scale"][first : first + c]
@@ -163,7 +163,7 @@ def worker(path: str, work: Path, peers: Path | None, check: bool) -> dict:
             torch.cuda.reset_peak_memory_stats()  # the check's temporaries are not the path's
     if forward is None:
         return row
-    e, h = SourceExperts(work / "src").num_experts, held_hidden(held)
+    e, h = next(held[k] for k in ("w2", "w2_bf16") if held.get(k) is not None).shape[:2]  # [E, H, I]
     gen = torch.Generator(device=device).manual_seed(0)
 
     def batch(t):
@@ -187,11 +187,6 @@ def worker(path: str, work: Path, peers: Path | None, check: bool) -> dict:
     if cuda:
         row["peak_bytes"] = max(row["peak_bytes"], torch.cuda.max_memory_allocated())
     return row
-
-
-def held_hidden(held: dict) -> int:
-    w2 = held.get("w2") if held.get("w2") is not None else held["w2_bf16"]
-    return w2.shape[1]
 
 
 # The driver --------------------------------------------------------------------------------------------

@@ -17,20 +17,13 @@ from pathlib import Path
 import torch
 
 from mxconvert.checkpoint import SourceCheckpoint
-from mxconvert.layout import BLOCK, FN_NEG_ZERO, e8m0_to_float
+from mxconvert.layout import BLOCK, FN_NEG_ZERO, dequantize
 from mxconvert.runtime.loader import _pread
 
 FP8_BLOCK = 128  # the block-FP8 path's scale block, both axes
 FN_MAX = 448.0
 CHUNK_EXPERTS = 8
 READERS = 8
-
-
-def mxfp8_values(values: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Source E4M3FN bytes [..., N, K] x 2**(scale byte - 127) per 32 along K (scales [..., N, G])."""
-    *lead, n, k = values.shape
-    v = values.view(torch.float8_e4m3fn).to(dtype).view(*lead, n, k // BLOCK, BLOCK)
-    return (v * e8m0_to_float(scales, dtype).unsqueeze(-1)).view(*lead, n, k)
 
 
 def block_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +122,7 @@ def bf16_at_load(src: SourceExperts, device) -> dict[str, torch.Tensor]:
     for first, raw in src.chunks(device):
         c = raw["w13"].shape[0]
         for k in ("w13", "w2"):
-            out[k][first : first + c] = mxfp8_values(raw[k], raw["s" + k[1:]], torch.bfloat16)
+            out[k][first : first + c] = dequantize(raw[k], raw["s" + k[1:]], fnuz=False, dtype=torch.bfloat16)
     return dict(w13_bf16=out["w13"], w2_bf16=out["w2"])
 
 
@@ -144,6 +137,6 @@ def block_fp8_at_load(src: SourceExperts, device) -> dict[str, torch.Tensor]:
     for first, raw in src.chunks(device):
         c = raw["w13"].shape[0]
         for k in ("w13", "w2"):
-            q, s = block_fp8(mxfp8_values(raw[k], raw["s" + k[1:]]))
+            q, s = block_fp8(dequantize(raw[k], raw["s" + k[1:]], fnuz=False, dtype=torch.float32))
             out[k][first : first + c], out[k + "_scale"][first : first + c] = q, s
     return out

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_moe import SHAPES, bench, make_weights, routing  # noqa: E402
 
+from mxconvert.format import NEVER  # noqa: E402  (bf16_min_tokens when native wins above the low band)
 from mxconvert.kernels import config as kcfg  # noqa: E402
 from mxconvert.kernels.moe import moe_experts_bf16, moe_experts_mxfp8  # noqa: E402
-from mxconvert.runtime.bands import NEVER  # noqa: E402  (bf16_min_tokens when native wins above the low band)
 
 SHAPES = {**SHAPES, "tiny": (8, 128, 64, 2)}
 GRID = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]

@@ -16,11 +16,10 @@ from load_time_paths import (  # noqa: E402
     block_fp8,
     block_fp8_at_load,
     block_fp8_values,
-    mxfp8_values,
 )
 
 from mxconvert.convert import convert  # noqa: E402
-from mxconvert.layout import dequantize_bf16, unpack_scales  # noqa: E402
+from mxconvert.layout import dequantize, dequantize_bf16, unpack_scales  # noqa: E402
 from mxconvert.runtime.loader import ConvertedCheckpoint  # noqa: E402
 
 SHAPE = dict(hidden_size=256, intermediate_size=128, num_experts=5, top_k=2, num_hidden_layers=4, mtp=False)
@@ -88,7 +87,7 @@ def test_block_fp8_at_load_matches_block_fp8_of_the_values(source):
     held = block_fp8_at_load(src, "cpu")
     first, raw = next(src.chunks("cpu", step=src.num_experts))
     for k in ("w13", "w2"):
-        q, s = block_fp8(mxfp8_values(raw[k], raw["s" + k[1:]]))
+        q, s = block_fp8(dequantize(raw[k], raw["s" + k[1:]], fnuz=False, dtype=torch.float32))
         assert torch.equal(held[k], q) and torch.equal(held[k + "_scale"], s)
 
 

@@ -144,7 +144,7 @@ def test_load_storages(ckpts):
 @pytest.mark.parametrize("kind", ["dual", "derive"])
 def test_an_empty_bf16_band_loads_no_bf16(ckpts, kind, monkeypatch):
     """native-only serving (band (0, NEVER)): the BF16 copies are neither read (dual) nor derived (derive)."""
-    from mxconvert.runtime.bands import NEVER
+    from mxconvert.format import NEVER
 
     c = ConvertedCheckpoint(ckpts[kind])
     read = []

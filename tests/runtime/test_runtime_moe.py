@@ -6,10 +6,11 @@ import torch
 from runtime_helpers import BF16_ONLY, DUAL, PLANTED, SHAPE, inputs, reference64, rel_err, source_experts
 
 from mxconvert import format as fmt
+from mxconvert.format import NEVER
 from mxconvert.kernels.config import fp8_format
 from mxconvert.kernels.moe import capture_cuda_graph, moe_experts_reference
 from mxconvert.runtime import moe as runtime_moe
-from mxconvert.runtime.bands import NEVER, bands_for
+from mxconvert.runtime.bands import bands_for
 from mxconvert.runtime.loader import ConvertedCheckpoint, load_moe_layer
 from mxconvert.runtime.router import route
 from mxconvert.runtime.sharding import ONE_RANK, Ranks
@@ -223,7 +224,6 @@ def test_cuda_graph_replay(ckpts, ep):
 
 def test_the_layer_leaves_the_callers_weights_alone(ckpts):
     """MoELayer trims and derives on its own copy of ExpertWeights: the caller's object keeps what it had."""
-    from mxconvert.runtime.bands import NEVER
 
     w = ConvertedCheckpoint(ckpts["dual"]).load_experts(DUAL)
     before = {k: getattr(w, k) for k in ("w13", "w13_scale", "w2", "w2_scale", "w13_bf16", "w2_bf16")}
